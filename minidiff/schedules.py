@@ -1,0 +1,269 @@
+"""Noise schedules of variance-preserving diffusion: alpha(t), sigma(t) and logsnr(t).
+
+Continuous time t in [0, 1] (t=0 data, t=1 noise) and the forward marginal
+z_t = alpha_t x + sigma_t eps with alpha_t^2 + sigma_t^2 = 1 (Ho et al. 2020, eq. (4) with
+alpha-bar_t = alpha_t^2; Salimans & Ho 2022, Sec. 2). The log signal-to-noise ratio is
+lambda_t = log(alpha_t^2 / sigma_t^2); in a VP process it fixes everything else:
+alpha_t^2 = sigmoid(lambda_t), sigma_t^2 = sigmoid(-lambda_t).
+
+Two kinds of schedule share one interface (:class:`NoiseSchedule`):
+
+* :class:`DiscreteSchedule`: DDPM's betas (T,), with step i in {1..T} at t = i/T.
+* continuous ones (:class:`LinearVPSchedule`, :class:`CosineSchedule`), defined by a formula
+  for lambda_t that is clipped to [logsnr_min, logsnr_max] so that t=0 and t=1 give finite
+  numbers (alpha(0) is then just below 1 and sigma(1) just below 1).
+
+All schedule arithmetic is done in float64; results come back in the dtype of `t`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "NoiseSchedule",
+    "DiscreteSchedule",
+    "ContinuousSchedule",
+    "LinearVPSchedule",
+    "CosineSchedule",
+    "linear_betas",
+    "cosine_betas",
+    "discretize",
+    "get_schedule",
+    "SCHEDULES",
+]
+
+# A time within this many steps of a grid point i/T counts as on the grid. It absorbs the
+# rounding of float32 times such as 999/1000 (off by about 1e-5 steps).
+_GRID_TOL = 1e-3
+
+
+def _check_time(t) -> tuple[torch.Tensor, torch.dtype, torch.device]:
+    """Check that t lies in [0, 1]; return it in float64 with the dtype and device to answer in.
+
+    A tensor answers in its own floating dtype; a Python number in torch's default dtype.
+    """
+    if isinstance(t, torch.Tensor):
+        dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+        device = t.device
+        t64 = (t.cpu() if device.type == "mps" else t).to(torch.float64)  # MPS has no float64
+    else:
+        dtype, device = torch.get_default_dtype(), torch.device("cpu")
+        t64 = torch.as_tensor(t, dtype=torch.float64)
+    if t64.numel() > 0 and not bool(((t64 >= 0) & (t64 <= 1)).all()):
+        raise ValueError(
+            f"time t must lie in [0, 1] (t=0 is data, t=1 is noise); got values in "
+            f"[{t64.min().item():.4g}, {t64.max().item():.4g}]. For DDPM step i of T pass t = i / T."
+        )
+    return t64, dtype, device
+
+
+class NoiseSchedule:
+    """Base class: a VP noise schedule in continuous time t in [0, 1].
+
+    Subclasses implement ``_logsnr64(t)`` (float64 in, float64 out) and may override
+    ``_alpha_sigma64(t)``; everything else follows from alpha^2 = sigmoid(lambda).
+    """
+
+    def _logsnr64(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _alpha_sigma64(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self._logsnr64(t)
+        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def logsnr(self, t) -> torch.Tensor:
+        """lambda_t = log(alpha_t^2 / sigma_t^2), decreasing in t."""
+        t64, dtype, device = _check_time(t)
+        return self._logsnr64(t64).to(dtype=dtype, device=device)
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) with alpha_t^2 + sigma_t^2 = 1."""
+        t64, dtype, device = _check_time(t)
+        alpha, sigma = self._alpha_sigma64(t64)
+        return alpha.to(dtype=dtype, device=device), sigma.to(dtype=dtype, device=device)
+
+    def alpha(self, t) -> torch.Tensor:
+        """Signal scale alpha_t (DDPM: sqrt(alpha-bar_t))."""
+        return self.alpha_sigma(t)[0]
+
+    def sigma(self, t) -> torch.Tensor:
+        """Noise scale sigma_t (DDPM: sqrt(1 - alpha-bar_t))."""
+        return self.alpha_sigma(t)[1]
+
+    def snr(self, t) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_t^2 / sigma_t^2 = exp(lambda_t)."""
+        return self.logsnr(t).exp()
+
+
+class DiscreteSchedule(NoiseSchedule):
+    """DDPM's discrete schedule from betas (T,), read in continuous time (Ho et al. 2020, eq. (4)).
+
+    Step i in {1..T} sits at t = i/T and alpha(i/T)^2 = alpha-bar_i = prod_{j<=i} (1 - beta_j),
+    with alpha-bar at t=0 equal to 1 (so sigma(0) = 0 and logsnr(0) = +inf). Between grid points
+    log(alpha-bar) is interpolated linearly in t. Tensors are stored in float64, 0-indexed:
+    ``alphas_cumprod[i - 1]`` is alpha-bar_i.
+    """
+
+    def __init__(self, betas):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if betas.ndim != 1 or len(betas) == 0:
+            raise ValueError(f"betas must be a 1-D tensor of length T >= 1; got shape {tuple(betas.shape)}.")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("every beta must lie in (0, 1); check the schedule (e.g. max_beta < 1).")
+        self.T = len(betas)
+        self.betas = betas
+        self.alphas = 1 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # log alpha-bar on the grid t = 0, 1/T, ..., 1 (value 0 at t = 0).
+        self._log_alpha_bar_grid = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                              torch.cumsum(torch.log1p(-betas), dim=0)])
+
+    def __repr__(self) -> str:
+        return f"DiscreteSchedule(T={self.T}, beta_1={self.betas[0]:.4g}, beta_T={self.betas[-1]:.4g})"
+
+    def t_of(self, i):
+        """Continuous time t = i / T of DDPM step i."""
+        return i / self.T
+
+    def index_of(self, t):
+        """DDPM step i with i / T == t (int for a scalar, long tensor otherwise)."""
+        t64, _, device = _check_time(t)
+        u = t64 * self.T
+        i = u.round()
+        if not bool(((u - i).abs() < _GRID_TOL).all()):
+            raise ValueError(f"t is not on the grid i/T of this schedule (T={self.T}); "
+                             f"use t = i / {self.T} for an integer i in 0..{self.T}.")
+        i = i.long().to(device)
+        return int(i) if i.ndim == 0 else i
+
+    def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        grid = self._log_alpha_bar_grid.to(t.device)
+        u = t * self.T
+        nearest = u.round()
+        u = torch.where((u - nearest).abs() < _GRID_TOL, nearest, u)  # snap onto the grid
+        lo = u.floor().clamp(0, self.T - 1).long()
+        return torch.lerp(grid[lo], grid[lo + 1], u - lo)  # exact at both ends
+
+    def _logsnr64(self, t):
+        log_alpha_bar = self._log_alpha_bar(t)
+        return log_alpha_bar - torch.log(-torch.expm1(log_alpha_bar))  # log(abar / (1 - abar))
+
+    def _alpha_sigma64(self, t):
+        log_alpha_bar = self._log_alpha_bar(t)
+        return (0.5 * log_alpha_bar).exp(), (-torch.expm1(log_alpha_bar)).sqrt()
+
+
+class ContinuousSchedule(NoiseSchedule):
+    """A schedule given by a formula for lambda_t, clipped to [logsnr_min, logsnr_max].
+
+    The clip keeps t=0 and t=1 finite: at the defaults (+-20) alpha(0)^2 = sigmoid(20), i.e.
+    sigma(0) ~ 4.5e-5, and alpha(1) >= 4.5e-5.
+    """
+
+    def __init__(self, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+        if not logsnr_min < logsnr_max:
+            raise ValueError(f"need logsnr_min < logsnr_max; got {logsnr_min}, {logsnr_max}.")
+        self.logsnr_min = float(logsnr_min)
+        self.logsnr_max = float(logsnr_max)
+
+    def _unclipped_logsnr64(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _logsnr64(self, t):
+        return self._unclipped_logsnr64(t).clamp(self.logsnr_min, self.logsnr_max)
+
+
+class LinearVPSchedule(ContinuousSchedule):
+    """Continuous VP schedule with beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021).
+
+    alpha_t^2 = exp(-B(t)) with B(t) = int_0^t beta = beta_min t + (beta_max - beta_min) t^2 / 2,
+    so lambda_t = -log(exp(B(t)) - 1). DDPM's linear betas are its discretisation with T=1000.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, logsnr_min: float = -20.0,
+                 logsnr_max: float = 20.0):
+        super().__init__(logsnr_min, logsnr_max)
+        if not 0 < beta_min <= beta_max:
+            raise ValueError(f"need 0 < beta_min <= beta_max; got {beta_min}, {beta_max}.")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def __repr__(self) -> str:
+        return f"LinearVPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+    def _unclipped_logsnr64(self, t):
+        integral = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+        return -torch.log(torch.expm1(integral))
+
+
+class CosineSchedule(ContinuousSchedule):
+    """Cosine schedule alpha_t = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s)) (Nichol & Dhariwal 2021).
+
+    Normalised so alpha_0 = 1; lambda_t = log(alpha_t^2 / (1 - alpha_t^2)) clipped to
+    [logsnr_min, logsnr_max] (Salimans & Ho 2022 clip at about +-20).
+    """
+
+    def __init__(self, s: float = 0.008, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+        super().__init__(logsnr_min, logsnr_max)
+        if s < 0:
+            raise ValueError(f"the cosine offset s must be >= 0; got {s}.")
+        self.s = float(s)
+
+    def __repr__(self) -> str:
+        return f"CosineSchedule(s={self.s}, logsnr in [{self.logsnr_min}, {self.logsnr_max}])"
+
+    def _unclipped_logsnr64(self, t):
+        angle = 0.5 * math.pi * (t + self.s) / (1 + self.s)
+        alpha2 = (torch.cos(angle) / math.cos(0.5 * math.pi * self.s / (1 + self.s))) ** 2
+        return torch.log(alpha2) - torch.log1p(-alpha2)
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """DDPM's linear betas, beta_1 = beta_start ... beta_T = beta_end (Ho et al. 2020, Sec. 4)."""
+    _check_T(T)
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine betas: beta_i = min(1 - abar(i/T) / abar((i-1)/T), max_beta),
+    abar(t) = f(t) / f(0), f(t) = cos^2(pi/2 (t+s)/(1+s))."""
+    _check_T(T)
+    t = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos(0.5 * math.pi * (t + s) / (1 + s)) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def discretize(schedule: NoiseSchedule, T: int) -> DiscreteSchedule:
+    """The discrete schedule on t = i/T: alpha-bar_i = alpha(i/T)^2, beta_i = 1 - abar_i / abar_{i-1}
+    (alpha-bar_0 = 1)."""
+    _check_T(T)
+    t = torch.arange(1, T + 1, dtype=torch.float64) / T
+    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alpha(t) ** 2])
+    return DiscreteSchedule(1 - alpha_bar[1:] / alpha_bar[:-1])
+
+
+def _check_T(T) -> None:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"the number of steps T must be a positive integer; got {T!r}.")
+
+
+SCHEDULES = ("linear", "cosine", "linear_vp", "cosine_continuous")
+
+
+def get_schedule(name: str, T: int | None = None, **kwargs) -> NoiseSchedule:
+    """A schedule by name: "linear" / "cosine" (discrete, T defaults to 1000) or
+    "linear_vp" / "cosine_continuous" (continuous; use discretize() for a grid)."""
+    if name in ("linear", "cosine"):
+        T = 1000 if T is None else T
+        betas = linear_betas(T, **kwargs) if name == "linear" else cosine_betas(T, **kwargs)
+        return DiscreteSchedule(betas)
+    if name in ("linear_vp", "cosine_continuous"):
+        if T is not None:
+            raise ValueError(f"schedule {name!r} is continuous and takes no T; "
+                             f"use discretize(get_schedule({name!r}), {T}) for a {T}-step grid.")
+        return LinearVPSchedule(**kwargs) if name == "linear_vp" else CosineSchedule(**kwargs)
+    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
