@@ -13,12 +13,18 @@ changing the loop:
   ``(z, t) -> (x_hat, eps_hat)`` that calls the network and counts each call in the NFE
   (for solvers with several evaluations per step, e.g. Heun).
 * ``reset()``: called once before the loop (for multistep solvers that keep a history).
+
+Step rules here: :class:`DDPMStep` (ancestral), :class:`DDIMStep` (Song et al. 2021, eq. (12)),
+:class:`AncestralGammaStep` (Salimans & Ho 2022, eqs. (4)-(5)) and solvers of the
+probability-flow ODE (eqs. (6)-(9)): :class:`EulerStep`, :class:`HeunStep` (Karras et al. 2022)
+and :class:`DPMSolverPP2MStep` (Lu et al. 2022b). With ``sample(..., increasing=True)`` an
+``invertible`` step rule (deterministic DDIM) walks from data to noise: :func:`ddim_invert`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +32,25 @@ from tqdm.auto import tqdm
 from .diffusion import PREDICTIONS, expand_like, posterior, predict_eps, predict_x, randn_like, transition
 from .schedules import NoiseSchedule
 
-__all__ = ["SampleResult", "DDPMStep", "ddpm_timesteps", "sample"]
+__all__ = [
+    "SampleResult",
+    "DDPMStep",
+    "DDIMStep",
+    "AncestralGammaStep",
+    "EulerStep",
+    "HeunStep",
+    "DPMSolverPP2MStep",
+    "ddim_update",
+    "probability_flow_velocity",
+    "ddpm_timesteps",
+    "sample",
+    "ddim_invert",
+    "slerp",
+]
+
+
+def _scalar(t) -> torch.Tensor:
+    return torch.tensor(float(t), dtype=torch.float64)
 
 
 def ddpm_timesteps(T: int) -> torch.Tensor:
@@ -62,6 +86,186 @@ class DDPMStep:
         return mean + var.sqrt() * randn_like(z_t, generator)
 
 
+def ddim_update(x_t: torch.Tensor, eps_hat: torch.Tensor, abar_t, abar_prev, eta: float = 0.0,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM in DDPM's alpha-bar notation (Song et al. 2021, eq. (12) with sigma from eq. (16)):
+
+        x_prev = sqrt(abar_prev) (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+                 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise,
+        sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+
+    abar_t, abar_prev: scalars (alpha-bar of the current and the next, less noisy, step).
+    A reference form; :class:`DDIMStep` computes the same in the alpha/sigma/lambda notation.
+    """
+    abar_t = torch.as_tensor(abar_t, dtype=torch.float64)
+    abar_prev = torch.as_tensor(abar_prev, dtype=torch.float64)
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()
+    x0 = (x_t - expand_like((1 - abar_t).sqrt(), x_t) * eps_hat) / expand_like(abar_t.sqrt(), x_t)
+    coef_eps = (1 - abar_prev - sigma**2).sqrt()
+    out = expand_like(abar_prev.sqrt(), x_t) * x0 + expand_like(coef_eps, x_t) * eps_hat
+    if noise is not None and eta > 0:
+        out = out + expand_like(sigma, x_t) * noise
+    return out
+
+
+@dataclass(frozen=True)
+class DDIMStep:
+    """DDIM step (Song et al. 2021, eq. (12); sigma from eq. (16)), in continuous form:
+
+        z_s = alpha_s x-hat + sqrt(sigma_s^2 - c^2) eps-hat + c noise,   c = eta sigma-tilde_{s|t},
+
+    sigma-tilde^2_{s|t} = (1 - e^{lambda_t - lambda_s}) sigma_s^2 (Salimans & Ho 2022, eq. (3)),
+    which is eq. (16)'s sigma^2 with alpha-bar = alpha^2 (see :func:`ddim_update`).
+    eta=0: deterministic (Salimans & Ho eq. (10)); no noise is drawn. eta=1: the ancestral DDPM
+    step with posterior variance, on any grid. No noise at s = 0. With eta=0 the step also runs
+    upwards (s > t, inversion; Song et al. 2021 Sec. 5.4). eta must be >= 0 and
+    eta sigma-tilde_{s|t} <= sigma_s (always so for eta <= 1).
+    """
+
+    eta: float = 0.0
+
+    def __post_init__(self):
+        if not self.eta >= 0:  # also catches NaN
+            raise ValueError(f"DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM); got {self.eta}.")
+
+    @property
+    def invertible(self) -> bool:
+        """A deterministic step can also run from data to noise (sample(..., increasing=True))."""
+        return self.eta == 0
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
+        alpha_s, sigma_s = schedule.alpha_sigma(_scalar(s))
+        if self.eta == 0:
+            return expand_like(alpha_s, z_t) * x_hat + expand_like(sigma_s, z_t) * eps_hat
+        if not float(s) < float(t):
+            raise ValueError(f"a stochastic DDIM step (eta={self.eta}) needs s < t; got s={s}, t={t}.")
+        dlam = schedule.logsnr(_scalar(t)) - schedule.logsnr(_scalar(s))
+        c2 = self.eta**2 * -torch.expm1(dlam) * sigma_s**2  # eta^2 sigma-tilde^2_{s|t}
+        rest = sigma_s**2 - c2
+        if rest < -1e-12:
+            raise ValueError(f"eta={self.eta} is too large at (t={t}, s={s}): eta sigma-tilde_{{s|t}} "
+                             "exceeds sigma_s; use eta <= 1.")
+        out = expand_like(alpha_s, z_t) * x_hat + expand_like(rest.clamp(min=0).sqrt(), z_t) * eps_hat
+        if float(s) == 0:
+            return out
+        return out + expand_like(c2.sqrt(), z_t) * randn_like(z_t, generator)
+
+
+@dataclass(frozen=True)
+class AncestralGammaStep:
+    """Ancestral step with interpolated variance (Salimans & Ho 2022, eqs. (4)-(5)):
+
+        z_s = mu-tilde_{s|t}(z_t, x-hat) + sqrt((sigma-tilde^2_{s|t})^(1-gamma) (sigma^2_{t|s})^gamma) noise.
+
+    gamma=0: posterior variance (DDPMStep("posterior")); gamma=1: sigma^2_{t|s} (DDPMStep("beta")).
+    gamma must lie in [0, 1]. No noise at s = 0.
+    """
+
+    gamma: float
+
+    def __post_init__(self):
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma must lie in [0, 1] (0 = posterior variance, 1 = sigma^2_{{t|s}}); "
+                             f"got {self.gamma}.")
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
+        mean, var_post = posterior(schedule, z_t, x_hat, t, s)
+        if float(s) == 0:
+            return mean
+        var_fwd = expand_like(transition(schedule, s, t)[1], z_t)
+        var = var_post ** (1 - self.gamma) * var_fwd**self.gamma
+        return mean + var.sqrt() * randn_like(z_t, generator)
+
+
+def probability_flow_velocity(schedule: NoiseSchedule, t, x_hat: torch.Tensor, eps_hat: torch.Tensor
+                              ) -> torch.Tensor:
+    """dz/dt of the probability-flow ODE (Salimans & Ho 2022, eqs. (6)-(9)) at time t.
+
+    With lambda' = d lambda/dt: f = d log alpha/dt = sigma^2 lambda' / 2 (eq. (8)),
+    g^2 = d sigma^2/dt - 2 f sigma^2 = -sigma^2 lambda' (eq. (9)), score = -eps-hat / sigma
+    = (alpha x-hat - z) / sigma^2 (eq. (7)), so eq. (6) reads dz/dt = lambda'/2 (sigma^2 z - sigma eps-hat).
+    With z = alpha x-hat + sigma eps-hat this equals
+
+        dz/dt = alpha'_t x-hat + sigma'_t eps-hat,
+        alpha' = sigma^2 lambda' alpha / 2,  sigma' = -alpha^2 lambda' sigma / 2,
+
+    the form computed here (no cancellation where alpha -> 0 and lambda' -> -inf).
+    """
+    alpha, sigma = schedule.alpha_sigma(_scalar(t))
+    dlam = schedule.dlogsnr_dt(_scalar(t))
+    d_alpha = 0.5 * sigma**2 * dlam * alpha
+    d_sigma = -0.5 * alpha**2 * dlam * sigma
+    return expand_like(d_alpha, x_hat) * x_hat + expand_like(d_sigma, x_hat) * eps_hat
+
+
+@dataclass(frozen=True)
+class EulerStep:
+    """Explicit Euler in t on the probability-flow ODE (Salimans & Ho 2022, eq. (6)):
+    z_s = z_t + (s - t) dz/dt(z_t, t) (see :func:`probability_flow_velocity`). Order 1, 1 NFE."""
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
+        return z_t + (float(s) - float(t)) * probability_flow_velocity(schedule, t, x_hat, eps_hat)
+
+
+@dataclass(frozen=True)
+class HeunStep:
+    """Heun's 2nd-order method in t on the probability-flow ODE (Karras et al. 2022, Algorithm 1):
+
+        d_t = dz/dt(z_t, t),  z' = z_t + (s - t) d_t,  z_s = z_t + (s - t) (d_t + dz/dt(z', s)) / 2,
+
+    the second slope from one extra network call at (z', s). Where s == 0 or sigma_s == 0 the
+    ODE is singular and the step is the Euler step z' (as in Karras et al.). 2 NFE per step.
+    """
+
+    needs_denoise = True
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None, denoise=None):
+        h = float(s) - float(t)
+        d_t = probability_flow_velocity(schedule, t, x_hat, eps_hat)
+        z_euler = z_t + h * d_t
+        if float(s) == 0 or float(schedule.sigma(_scalar(s))) == 0:
+            return z_euler
+        if denoise is None:
+            raise ValueError("HeunStep needs the loop's denoise= function (use it through samplers.sample).")
+        x_2, eps_2 = denoise(z_euler, s)
+        return z_t + h * 0.5 * (d_t + probability_flow_velocity(schedule, s, x_2, eps_2))
+
+
+@dataclass
+class DPMSolverPP2MStep:
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), multistep in the half log-SNR
+    l_t = lambda_t / 2 = log(alpha_t / sigma_t). With h = l_s - l_t:
+
+        z_s = (sigma_s / sigma_t) z_t - alpha_s (e^{-h} - 1) D,
+        D = (1 + 1/(2r)) x-hat_t - 1/(2r) x-hat_prev,  r = (l_t - l_prev) / h,
+
+    where x-hat_prev is the previous step's x-hat at time t_prev. The first step (and any step
+    whose t is not the previous step's s) uses D = x-hat_t, i.e. DDIM (eq. (10)/(11) of
+    Salimans & Ho 2022). A step to sigma_s = 0 (s = 0 on a discrete schedule) is first order
+    too: z_s = alpha_s x-hat_t. 1 NFE per step; reset() clears the history.
+    """
+
+    _prev: tuple | None = field(default=None, init=False, repr=False)
+
+    def reset(self) -> None:
+        self._prev = None
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
+        alpha_t, sigma_t = schedule.alpha_sigma(_scalar(t))
+        alpha_s, sigma_s = schedule.alpha_sigma(_scalar(s))
+        l_t = 0.5 * schedule.logsnr(_scalar(t))
+        prev, self._prev = self._prev, (x_hat, l_t, float(s))
+        if float(sigma_s) == 0:
+            return expand_like(alpha_s, z_t) * x_hat
+        h = 0.5 * schedule.logsnr(_scalar(s)) - l_t
+        d = x_hat
+        if prev is not None and prev[2] == float(t):
+            x_prev, l_prev, _ = prev
+            r = (l_t - l_prev) / h
+            d = expand_like(1 + 0.5 / r, z_t) * x_hat - expand_like(0.5 / r, z_t) * x_prev
+        return expand_like(sigma_s / sigma_t, z_t) * z_t - expand_like(alpha_s * torch.expm1(-h), z_t) * d
+
+
 @dataclass
 class SampleResult:
     """Output of :func:`sample`: the final samples, the number of network evaluations, and
@@ -74,14 +278,18 @@ class SampleResult:
     x_hats: list[torch.Tensor] | None = None
 
 
-def _check_timesteps(timesteps) -> list[float]:
+def _check_timesteps(timesteps, increasing: bool = False) -> list[float]:
     ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu()
     if ts.ndim != 1 or len(ts) < 2:
         raise ValueError(f"timesteps must be a 1-D sequence of at least 2 times, e.g. ddpm_timesteps(T); "
                          f"got shape {tuple(ts.shape)}.")
     if not bool(((ts >= 0) & (ts <= 1)).all()):
         raise ValueError("timesteps must lie in [0, 1] (1 = noise, 0 = data).")
-    if not bool((ts[1:] < ts[:-1]).all()):
+    if increasing:
+        if not bool((ts[1:] > ts[:-1]).all()):
+            raise ValueError("with increasing=True timesteps must be strictly increasing (from data "
+                             "towards noise), e.g. [0.0, 0.5, 1.0].")
+    elif not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError("timesteps must be strictly decreasing (from noise towards data), "
                          "e.g. [1.0, 0.5, 0.0]; reverse them or remove repeated times.")
     return ts.tolist()
@@ -102,7 +310,7 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
            step: Callable, shape: Sequence[int] | None = None, z: torch.Tensor | None = None,
            prediction: str = "eps", generator: torch.Generator | None = None, cond: dict | None = None,
            progress: bool = True, return_trajectory: bool = False, clip_x: float | None = None,
-           device: torch.device | str | None = None) -> SampleResult:
+           device: torch.device | str | None = None, increasing: bool = False) -> SampleResult:
     """Run the reverse process from z at timesteps[0] down to timesteps[-1] with one step rule.
 
     model(z, t, **cond) -> output of type `prediction` ("eps", "x" or "v"), t a float tensor (B,).
@@ -110,8 +318,13 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
     Noise comes from `generator` (drawn on its device, see diffusion.randn_like).
     clip_x clips x-hat to [-clip_x, clip_x] (eps-hat is then recomputed from the clipped x-hat).
     Runs under torch.no_grad(). NFE counts every network call, including a step rule's extra ones.
+    increasing=True runs the other way, from data to noise (timesteps strictly increasing), for an
+    ``invertible`` step rule such as DDIMStep(eta=0); see :func:`ddim_invert`.
     """
-    ts = _check_timesteps(timesteps)
+    ts = _check_timesteps(timesteps, increasing)
+    if increasing and not getattr(step, "invertible", False):
+        raise ValueError("increasing=True (data -> noise) needs an invertible, deterministic step rule "
+                         "such as DDIMStep(eta=0).")
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
     cond = cond or {}
@@ -139,7 +352,7 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
         z = _initial_z(model, shape, z, generator, device)
         trajectory = [z.detach().cpu()] if return_trajectory else None
         x_hats = [] if return_trajectory else None
-        pairs = list(zip(ts[:-1], ts[1:], strict=True))  # (t, s): from t down to s
+        pairs = list(zip(ts[:-1], ts[1:], strict=True))  # (t, s): from t down to s (up if increasing)
         for t, s in tqdm(pairs, desc="sampling", disable=not progress, leave=False):
             x_hat, eps_hat = denoise(z, t)
             z = step(z, t, s, x_hat, eps_hat, schedule, generator, **extra)
@@ -147,3 +360,56 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
                 trajectory.append(z.detach().cpu())
                 x_hats.append(x_hat.detach().cpu())
     return SampleResult(x=z, nfe=nfe, trajectory=trajectory, x_hats=x_hats)
+
+
+def ddim_invert(model: Callable, schedule: NoiseSchedule, x: torch.Tensor,
+                timesteps: Sequence[float] | torch.Tensor, prediction: str = "eps", cond: dict | None = None,
+                progress: bool = False) -> tuple[torch.Tensor, int]:
+    """DDIM inversion: run deterministic DDIM (Song et al. 2021, eq. (12) with eta=0, i.e. the
+    probability-flow ODE of eq. (14) discretised) from data x up to the largest time.
+
+    `timesteps` is the sampling grid in either order (e.g. respace(T, steps, "trailing")); the
+    loop walks it upwards, z_s = alpha_s x-hat(z_t) + sigma_s eps-hat(z_t) for t < s, with the
+    network called at the current, less noisy point. Returns (z at the largest time, NFE).
+    Sampling with DDIMStep(0) on the same grid from that z reconstructs x up to the
+    discretisation error, which falls as the number of steps grows.
+    An x-prediction network cannot be called at sigma_t = 0 (eps-hat = (z - alpha x-hat)/0):
+    start the grid at its first positive time then.
+    """
+    ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
+    if len(ts) >= 2 and bool(ts[0] > ts[-1]):
+        ts = ts.flip(0)
+    if prediction == "x" and len(ts) >= 1 and float(schedule.sigma(ts[:1])[0]) == 0:
+        raise ValueError("ddim_invert with an x-prediction model cannot start where sigma_t = 0 (t = 0 on a "
+                         "discrete schedule); drop t = 0 from the grid or use an eps / v model.")
+    result = sample(model, schedule, ts, DDIMStep(0.0), z=x, prediction=prediction, cond=cond,
+                    progress=progress, increasing=True)
+    return result.x, result.nfe
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation of noises (Shoemake 1985; used for DDIM latents, Song et al. 2021 Sec. 5.3):
+
+        slerp = sin((1 - alpha) theta) / sin(theta) z0 + sin(alpha theta) / sin(theta) z1,
+        theta = arccos(<z0, z1> / (|z0| |z1|)),
+
+    per example (all dims but the first; a 1-D input is one vector). alpha in [0, 1] gives z0 at 0
+    and z1 at 1; for |z0| = |z1| the norm is preserved. Nearly parallel vectors fall back to lerp.
+    """
+    if z0.shape != z1.shape:
+        raise ValueError(f"slerp needs z0 and z1 of the same shape; got {tuple(z0.shape)} and "
+                         f"{tuple(z1.shape)}.")
+    alpha = float(alpha)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"slerp's alpha must lie in [0, 1]; got {alpha}.")
+    a = z0.reshape(len(z0), -1).to(torch.float64) if z0.ndim > 1 else z0.reshape(1, -1).to(torch.float64)
+    b = z1.reshape(a.shape).to(torch.float64)
+    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    small = sin.abs() < 1e-6
+    safe = torch.where(small, torch.ones_like(sin), sin)
+    w0 = torch.where(small, torch.full_like(sin, 1 - alpha), torch.sin((1 - alpha) * theta) / safe)
+    w1 = torch.where(small, torch.full_like(sin, alpha), torch.sin(alpha * theta) / safe)
+    out = w0[:, None] * a + w1[:, None] * b
+    return out.reshape(z0.shape).to(z0.dtype)

@@ -33,6 +33,10 @@ __all__ = [
     "discretize",
     "get_schedule",
     "SCHEDULES",
+    "SPACINGS",
+    "respace_indices",
+    "respace",
+    "respaced_schedule",
 ]
 
 # A time within this many steps of a grid point i/T counts as on the grid. It absorbs the
@@ -97,6 +101,18 @@ class NoiseSchedule:
         """Signal-to-noise ratio alpha_t^2 / sigma_t^2 = exp(lambda_t)."""
         return self.logsnr(t).exp()
 
+    def dlogsnr_dt(self, t) -> torch.Tensor:
+        """d lambda_t / dt (<= 0), by float64 autograd through the formula for lambda_t.
+
+        It is 0 where the logsnr clip is active. The probability-flow ODE solvers need it
+        (samplers.probability_flow_velocity).
+        """
+        t64, dtype, device = _check_time(t)
+        with torch.enable_grad():
+            tt = t64.detach().clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self._logsnr64(tt).sum(), tt)
+        return grad.to(dtype=dtype, device=device)
+
 
 class DiscreteSchedule(NoiseSchedule):
     """DDPM's discrete schedule from betas (T,), read in continuous time (Ho et al. 2020, eq. (4)).
@@ -150,6 +166,20 @@ class DiscreteSchedule(NoiseSchedule):
     def _logsnr64(self, t):
         log_alpha_bar = self._log_alpha_bar(t)
         return log_alpha_bar - torch.log(-torch.expm1(log_alpha_bar))  # log(abar / (1 - abar))
+
+    def dlogsnr_dt(self, t) -> torch.Tensor:
+        """d lambda / dt = L' / (1 - abar) with L = log abar linear on each cell; on a grid point
+        i/T the slope of the cell to its left, ((i-1)/T, i/T], is used (samplers step down in t).
+        It is -inf at t = 0."""
+        t64, dtype, device = _check_time(t)
+        grid = self._log_alpha_bar_grid
+        u = t64.cpu() * self.T
+        nearest = u.round()
+        u = torch.where((u - nearest).abs() < _GRID_TOL, nearest, u)
+        i = u.ceil().clamp(1, self.T).long()
+        slope = (grid[i] - grid[i - 1]) * self.T
+        out = slope / -torch.expm1(self._log_alpha_bar(t64.cpu()))
+        return out.to(dtype=dtype, device=device)
 
     def _alpha_sigma64(self, t):
         log_alpha_bar = self._log_alpha_bar(t)
@@ -244,6 +274,76 @@ def discretize(schedule: NoiseSchedule, T: int) -> DiscreteSchedule:
     t = torch.arange(1, T + 1, dtype=torch.float64) / T
     alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alpha(t) ** 2])
     return DiscreteSchedule(1 - alpha_bar[1:] / alpha_bar[:-1])
+
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def respace_indices(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """`steps` of the DDPM steps {1..T}, increasing (long tensor), chosen as diffusers / DDIM do.
+
+    With 1-based DDPM steps (t = i/T) and k = 0..steps-1:
+
+    * "leading":  i = k * (T // steps) + 1   (diffusers "leading" with steps_offset=0; DDIM's
+      uniform skip). The largest step is (steps-1)(T//steps)+1 < T in general: sampling does
+      not start at t=1, which costs quality at few steps.
+    * "trailing": i = round(T - k T / steps)  (diffusers "trailing"; Lin et al. 2024). It always
+      includes i = T, i.e. t = 1, the noisiest step, where z ~ N(0, I) is correct.
+    * "linspace": i = round(linspace(0, T-1, steps)) + 1  (diffusers "linspace"); includes 1 and T.
+
+    round() is round-half-to-even, as numpy's. Raises ValueError for steps < 1, steps > T or an
+    unknown spacing.
+    """
+    _check_T(T)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in 1..T = 1..{T} (a step count that fits the "
+                         f"schedule); got {steps!r}.")
+    k = torch.arange(steps, dtype=torch.float64)
+    if spacing == "leading":
+        idx = k * (T // steps) + 1
+    elif spacing == "trailing":
+        idx = torch.round(T * (steps - k) / steps).flip(0)
+    elif spacing == "linspace":
+        idx = torch.round(torch.linspace(0, T - 1, steps, dtype=torch.float64)) + 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+    return idx.long()
+
+
+def respace(T: int, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """Sampling times for `steps` steps on a T-step grid: [i_steps/T, ..., i_1/T, 0] (float64,
+    decreasing, length steps+1), with the DDPM steps i_k of :func:`respace_indices` and a final 0
+    (data). Pass it to samplers.sample as `timesteps`. "trailing" starts at t = 1; "leading"
+    usually starts below 1."""
+    idx = respace_indices(T, steps, spacing)
+    return torch.cat([idx.flip(0).to(torch.float64) / T, torch.zeros(1, dtype=torch.float64)])
+
+
+def respaced_schedule(schedule: DiscreteSchedule, indices) -> DiscreteSchedule:
+    """The DDPM schedule of a subset of steps (Nichol & Dhariwal 2021, Sec. 4): with the chosen
+    1-based steps i_1 < ... < i_K, alpha-bar'_k = alpha-bar_{i_k} and
+    beta'_k = 1 - alpha-bar_{i_k} / alpha-bar_{i_{k-1}} (alpha-bar_{i_0} = 1).
+
+    Step k of the new schedule (t' = k/K) is step i_k (t = i_k/T) of the old one: a network
+    trained on the old schedule must be called at t = i_k/T, not at k/K.
+    """
+    if not isinstance(schedule, DiscreteSchedule):
+        raise ValueError(f"respaced_schedule needs a DiscreteSchedule (alpha-bars on a grid); got "
+                         f"{type(schedule).__name__}. Use discretize(schedule, T) first.")
+    idx = torch.as_tensor(indices).detach().cpu()
+    if idx.is_floating_point():
+        if not bool((idx == idx.round()).all()):
+            raise ValueError("indices must be integer DDPM steps in 1..T (not times).")
+        idx = idx.long()
+    idx = idx.reshape(-1)
+    if len(idx) == 0 or not bool(((idx >= 1) & (idx <= schedule.T)).all()):
+        raise ValueError(f"indices must be a non-empty set of DDPM steps in 1..T = 1..{schedule.T}.")
+    idx = idx.sort().values
+    if not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError("indices must not repeat a step.")
+    abar = schedule.alphas_cumprod[idx - 1]
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return DiscreteSchedule(1 - abar / abar_prev)
 
 
 def _check_T(T) -> None:
