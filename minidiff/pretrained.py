@@ -1,0 +1,96 @@
+"""Train-or-load the book's DDPM models, so that later chapters reuse chapter 1's networks.
+
+``ddpm_model("ddpm_digits")`` trains the model of a named config exactly as chapter 1 does
+(L_simple, Ho et al. 2020 Algorithm 1, through ``minidiff.train.train``) and caches its EMA
+weights as safetensors + JSON under ``metrics.cache_dir()``, keyed by a hash of the whole
+config; the next call (in any chapter) loads them instead of training again. Nothing is
+downloaded: the weights always come from running this code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import configs, data, diffusion, schedules
+from .metrics import cache_dir
+from .nn import MLPDenoiser, UNet
+from .train import load_model, save_model, train
+
+__all__ = ["PretrainedModel", "build_model", "ddpm_model", "training_data"]
+
+ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet}
+
+
+@dataclass
+class PretrainedModel:
+    """A trained EMA model with the config it came from and where its weights are cached."""
+
+    model: torch.nn.Module
+    config: dict
+    schedule: schedules.NoiseSchedule
+    path: Path | None
+    train_seconds: float  # 0.0 when loaded from the cache
+    losses: list[float] | None  # None when loaded from the cache
+
+
+def build_model(config: dict) -> torch.nn.Module:
+    """An untrained network for a config ("architecture" "mlp" or "unet", kwargs in "model")."""
+    arch = config.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"config architecture must be one of {sorted(ARCHITECTURES)}, got {arch!r}.")
+    return ARCHITECTURES[arch](**config["model"])
+
+
+def training_data(config: dict) -> torch.Tensor:
+    """The training set a config names: a 2-D toy set (n points, seed 6 as in chapter 1) or digit images."""
+    spec = config["data"]
+    if spec["dataset"] == "digits":
+        return data.digits(size=spec["size"], split=spec.get("split", "train"))[0]
+    return data.toy_dataset(spec["dataset"], spec["n"], generator=torch.Generator().manual_seed(6))
+
+
+def _key(config: dict) -> str:
+    text = json.dumps({k: config[k] for k in ("architecture", "data", "model", "train", "diffusion")},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str | Path = True,
+               device: str | torch.device = "cpu", progress: bool = True) -> PretrainedModel:
+    """Train (or load from the cache) the DDPM eps-model of a chapter-1 config; returns its EMA model.
+
+    name_or_config: a config name for ``configs.get_config`` (e.g. "ddpm_toy", "ddpm_digits") or a
+    config dict of the same form. cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
+    """
+    config = configs.get_config(name_or_config, size) if isinstance(name_or_config, str) else name_or_config
+    diff = config["diffusion"]
+    schedule = schedules.get_schedule(diff["schedule"], T=diff["T"])
+    with torch.random.fork_rng(devices=[]):  # initialise as chapter 1 does, leave the caller's RNG alone
+        torch.manual_seed(config["train"].get("seed", 0))
+        model = build_model(config)
+    path = None
+    if cache:
+        folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "ddpm"
+        path = folder / f"{config.get('name', 'ddpm')}_{_key(config)}.safetensors"
+        if path.exists():
+            load_model(model, path)
+            return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None)
+
+    def loss_fn(net, batch, generator):
+        return diffusion.training_loss(net, schedule, batch, prediction=diff["prediction"],
+                                       weighting=diff["weighting"], generator=generator)
+
+    t0 = time.perf_counter()
+    result = train(model.to(device), loss_fn, training_data(config).to(device), progress=progress,
+                   **config["train"])
+    seconds = time.perf_counter() - t0
+    ema = result.ema_model.eval()
+    if path is not None:
+        save_model(ema, path, config={"minidiff_config": config})
+    return PretrainedModel(ema, config, schedule, path, seconds, result.losses)

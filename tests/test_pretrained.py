@@ -1,0 +1,55 @@
+"""minidiff.pretrained: train once, then load the identical weights from the safetensors cache."""
+
+import pytest
+import torch
+
+from minidiff import configs, pretrained
+
+
+def tiny_config():
+    cfg = configs.get_config("ddpm_toy", "small")
+    cfg["model"] = {"dim": 2, "hidden": 16, "depth": 1, "emb_dim": 8}
+    cfg["train"] = {**cfg["train"], "steps": 5, "batch_size": 16}
+    cfg["data"] = {**cfg["data"], "n": 64}
+    return cfg
+
+
+def test_train_then_load_gives_identical_weights(tmp_path):
+    first = pretrained.ddpm_model(tiny_config(), cache=tmp_path, progress=False)
+    assert first.path.exists() and first.path.suffix == ".safetensors"
+    assert first.losses is not None and len(first.losses) == 5
+    second = pretrained.ddpm_model(tiny_config(), cache=tmp_path, progress=False)
+    assert second.losses is None and second.train_seconds == 0.0
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_changed_config_trains_a_new_model(tmp_path):
+    pretrained.ddpm_model(tiny_config(), cache=tmp_path, progress=False)
+    cfg = tiny_config()
+    cfg["train"]["steps"] = 6
+    other = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)
+    assert other.losses is not None and len(other.losses) == 6
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_no_cache_and_bad_architecture(tmp_path):
+    out = pretrained.ddpm_model(tiny_config(), cache=False, progress=False)
+    assert out.path is None
+    cfg = tiny_config()
+    cfg["architecture"] = "transformer"
+    with pytest.raises(ValueError, match="architecture"):
+        pretrained.build_model(cfg)
+    with pytest.raises(ValueError):
+        pretrained.ddpm_model("no_such_config")
+
+
+def test_initialisation_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = pretrained.ddpm_model(tiny_config(), cache=False, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    b = pretrained.ddpm_model(tiny_config(), cache=False, progress=False)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
