@@ -18,22 +18,11 @@ from pathlib import Path
 
 import torch
 
-from minidiff import configs, data, diffusion, samplers, schedules
-from minidiff.nn import MLPDenoiser, UNet
+from minidiff import configs, diffusion, samplers, schedules
+from minidiff.pretrained import build_model, training_data
 from minidiff.train import train
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def build(cfg):
-    cls = MLPDenoiser if cfg["architecture"] == "mlp" else UNet
-    return cls(**cfg["model"])
-
-
-def example_data(cfg, n):
-    if cfg["architecture"] == "mlp":
-        return data.toy_dataset(cfg["data"]["dataset"], n, generator=torch.Generator().manual_seed(0))
-    return data.digits(size=cfg["data"]["size"], split="train")[0]
 
 
 def time_training(cfg, steps, device):
@@ -43,11 +32,11 @@ def time_training(cfg, steps, device):
     def loss_fn(model, batch, generator):
         return diffusion.training_loss(model, sched, batch, generator=generator)
 
-    x = example_data(cfg, 20_000).to(device)
+    x = training_data(cfg).to(device)
     kwargs = {**cfg["train"], "steps": 3, "progress": False}
-    train(build(cfg).to(device), loss_fn, x, **kwargs)  # warm-up
+    train(build_model(cfg).to(device), loss_fn, x, **kwargs)  # warm-up
     t0 = time.perf_counter()
-    train(build(cfg).to(device), loss_fn, x, **{**kwargs, "steps": steps})
+    train(build_model(cfg).to(device), loss_fn, x, **{**kwargs, "steps": steps})
     return 1000 * (time.perf_counter() - t0) / steps
 
 
@@ -92,7 +81,7 @@ def main():
     for size in args.sizes:
         for name in ("ddpm_toy", "ddpm_digits"):
             cfg = configs.get_config(name, size)
-            model = build(cfg)
+            model = build_model(cfg)
             params = sum(p.numel() for p in model.parameters())
             ms_train = time_training(cfg, args.train_steps, device)
             ms_sample, n = time_sampling(model, cfg, args.sample_steps, device)

@@ -68,7 +68,8 @@ class DDPMStep:
     which on DDPM's grid equals eq. (11): 1/sqrt(alpha_t) (z_t - beta_t / sqrt(1 - abar_t) eps-hat).
     variance="posterior": var = sigma-tilde^2_{s|t} (beta-tilde_t, eq. (7));
     variance="beta":      var = sigma^2_{t|s} = 1 - abar_t / abar_s (beta_t).
-    No noise is added at s = 0.
+    No noise is added at s = 0. These are the two ends of :class:`AncestralGammaStep` (gamma 0 and 1),
+    which does the work.
     """
 
     variance: str = "posterior"
@@ -78,12 +79,8 @@ class DDPMStep:
             raise ValueError(f"unknown DDPM variance {self.variance!r}; choose 'posterior' or 'beta'.")
 
     def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
-        mean, var = posterior(schedule, z_t, x_hat, t, s)
-        if float(s) == 0:
-            return mean
-        if self.variance == "beta":
-            var = expand_like(transition(schedule, s, t)[1], z_t)
-        return mean + var.sqrt() * randn_like(z_t, generator)
+        gamma = 0.0 if self.variance == "posterior" else 1.0
+        return AncestralGammaStep(gamma)(z_t, t, s, x_hat, eps_hat, schedule, generator)
 
 
 def ddim_update(x_t: torch.Tensor, eps_hat: torch.Tensor, abar_t, abar_prev, eta: float = 0.0,
