@@ -22,7 +22,7 @@ from .metrics import cache_dir
 from .nn import MLPDenoiser, UNet
 from .train import load_model, save_model, train
 
-__all__ = ["PretrainedModel", "build_model", "ddpm_model", "training_data"]
+__all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "store", "training_data"]
 
 ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet}
 
@@ -61,6 +61,26 @@ def _key(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def cache_path(config: dict, cache: bool | str | Path = True) -> Path:
+    """Where the weights of a config's trained model are cached: ``cache_dir()/ddpm`` (cache=True) or
+    the given folder, with a file name from the config's name and a hash of its training recipe."""
+    folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "ddpm"
+    return folder / f"{config.get('name', 'ddpm')}_{_key(config)}.safetensors"
+
+
+def store(model: torch.nn.Module, config: dict, cache: bool | str | Path = True) -> Path:
+    """Cache a model trained with `config` (chapter 1 stores its EMA models this way), so that
+    ``ddpm_model(config)`` loads it instead of training again. Returns the path written."""
+    if not isinstance(config, dict) or not {"architecture", "model", "train", "diffusion"} <= set(config):
+        raise ValueError("store needs the config dict the model was trained with (configs.get_config(...)).")
+    reference = build_model(config).state_dict()
+    got = model.state_dict()
+    if reference.keys() != got.keys() or any(reference[k].shape != got[k].shape for k in reference):
+        raise ValueError("the model does not have the architecture its config describes; "
+                         "store the model that was trained with this config.")
+    return save_model(model, cache_path(config, cache), config={"minidiff_config": config})
+
+
 def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str | Path = True,
                device: str | torch.device = "cpu", progress: bool = True) -> PretrainedModel:
     """Train (or load from the cache) the DDPM eps-model of a chapter-1 config; returns its EMA model.
@@ -76,8 +96,7 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
         model = build_model(config)
     path = None
     if cache:
-        folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "ddpm"
-        path = folder / f"{config.get('name', 'ddpm')}_{_key(config)}.safetensors"
+        path = cache_path(config, cache)
         if path.exists():
             load_model(model, path)
             return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None)

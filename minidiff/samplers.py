@@ -23,6 +23,7 @@ and :class:`DPMSolverPP2MStep` (Lu et al. 2022b). With ``sample(..., increasing=
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -265,14 +266,15 @@ class DPMSolverPP2MStep:
 
 @dataclass
 class SampleResult:
-    """Output of :func:`sample`: the final samples, the number of network evaluations, and
-    (with return_trajectory=True) z at every time in `timesteps` and x-hat at every model call,
-    stored on the CPU."""
+    """Output of :func:`sample`: the final samples, the number of network evaluations, the wall time
+    of the loop in seconds, and (with return_trajectory=True) z at every time in `timesteps` and
+    x-hat at every model call, stored on the CPU."""
 
     x: torch.Tensor
     nfe: int
     trajectory: list[torch.Tensor] | None = None
     x_hats: list[torch.Tensor] | None = None
+    seconds: float = 0.0
 
 
 def _check_timesteps(timesteps, increasing: bool = False) -> list[float]:
@@ -343,6 +345,7 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
         return x_hat, predict_eps(x_hat, "x", z_t, alpha, sigma)
 
     extra = {"denoise": denoise} if getattr(step, "needs_denoise", False) else {}
+    start = time.perf_counter()
     if hasattr(step, "reset"):
         step.reset()
     with torch.no_grad():
@@ -356,7 +359,10 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
             if return_trajectory:
                 trajectory.append(z.detach().cpu())
                 x_hats.append(x_hat.detach().cpu())
-    return SampleResult(x=z, nfe=nfe, trajectory=trajectory, x_hats=x_hats)
+    if z.is_cuda:
+        torch.cuda.synchronize(z.device)
+    seconds = time.perf_counter() - start
+    return SampleResult(x=z, nfe=nfe, trajectory=trajectory, x_hats=x_hats, seconds=seconds)
 
 
 def ddim_invert(model: Callable, schedule: NoiseSchedule, x: torch.Tensor,

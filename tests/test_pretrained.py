@@ -53,3 +53,19 @@ def test_initialisation_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
     b = pretrained.ddpm_model(tiny_config(), cache=False, progress=False)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
         assert torch.equal(x, y)
+
+
+def test_store_then_load_gives_the_stored_model(tmp_path):
+    trained = pretrained.ddpm_model(tiny_config(), cache=False, progress=False)
+    path = pretrained.store(trained.model, tiny_config(), cache=tmp_path)
+    assert path == pretrained.cache_path(tiny_config(), tmp_path) and path.exists()
+    loaded = pretrained.ddpm_model(tiny_config(), cache=tmp_path, progress=False)
+    assert loaded.losses is None  # loaded, not trained
+    for a, b in zip(trained.model.state_dict().values(), loaded.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other = tiny_config()
+    other["model"] = {**other["model"], "hidden": 32}
+    with pytest.raises(ValueError, match="architecture"):
+        pretrained.store(trained.model, other, cache=tmp_path)
+    with pytest.raises(ValueError, match="config"):
+        pretrained.store(trained.model, {"name": "x"}, cache=tmp_path)
