@@ -30,8 +30,11 @@ PAGES = {
     "intro": "book/intro.html",
     "notation": "book/notation.html",
     "chapter 1": "notebooks/01_ddpm.html",
+    "chapter 2": "notebooks/02_ddim.html",
+    "chapter 3": "notebooks/03_probability_flow.html",
 }
-SCREENSHOTS = {"intro": "book/intro.html", "chapter 1": "notebooks/01_ddpm.html"}
+SCREENSHOTS = {"intro": "book/intro.html", "chapter 1": "notebooks/01_ddpm.html",
+               "chapter 2": "notebooks/02_ddim.html"}
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Headless flags for a machine with no network: no background traffic, a fresh profile.
 # --no-sandbox is needed when running as root (containers, CI).

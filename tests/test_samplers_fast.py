@@ -345,3 +345,24 @@ def test_bad_inputs_raise_value_errors():
         ddim_invert(model, schedule, torch.zeros(2, 2), [0.0, 0.5, 1.0], "x")
     with pytest.raises(ValueError, match="too large"):
         DDIMStep(5.0)(torch.zeros(2, 2), 0.5, 0.4, torch.zeros(2, 2), torch.zeros(2, 2), schedule)
+
+
+@pytest.mark.parametrize("make_step", [DDPMStep, lambda: DDIMStep(0.0), lambda: DDIMStep(0.5),
+                                       lambda: AncestralGammaStep(0.3), EulerStep, HeunStep,
+                                       DPMSolverPP2MStep],
+                         ids=["ddpm", "ddim", "ddim0.5", "gamma0.3", "euler", "heun", "dpm++2m"])
+def test_every_sampler_takes_all_three_predictions(make_step):
+    """The same exact denoiser reporting eps, x or v gives the same samples and the same NFE."""
+    from minidiff.analytic import GaussianMixtureDenoiser
+
+    schedule = get_schedule("linear", T=1000)
+    z = randn(32, 2, seed=9)
+    outs = {}
+    for prediction in ("eps", "x", "v"):
+        model = GaussianMixtureDenoiser(MU[None], STD, schedule, prediction)
+        outs[prediction] = sample(model, schedule, respace(1000, 20, "trailing"), make_step(), z=z,
+                                  prediction=prediction, generator=torch.Generator().manual_seed(1),
+                                  progress=False)
+    for prediction in ("x", "v"):
+        torch.testing.assert_close(outs[prediction].x, outs["eps"].x, rtol=0, atol=1e-8)
+        assert outs[prediction].nfe == outs["eps"].nfe
