@@ -165,3 +165,163 @@ register_config(
         "sample": {"n": 297, "steps": 1000},
     },
 )
+
+# ---- chapter 5
+# Progressive distillation (Salimans & Ho 2022). The teacher is a continuous-time diffusion model on the
+# cosine schedule with log-SNR clipped to [-20, 20], v-prediction and the SNR+1 (v-MSE) weighting, trained
+# (or loaded from the cache) by pretrained.ddpm_model; "sample": {"steps"} is the teacher's full step count
+# 2N. "distill" holds Algorithm 1's settings: the first student's step count N ("start_steps", a power of
+# two; every round halves it, down to 1), the student's prediction and weighting, and the keyword arguments
+# of minidiff.train.train for every round (the paper: no EMA, no warm-up, 50k steps per round at CIFAR-10).
+# small: sized for a 2-core CPU (the chapter runs in a few minutes); full: one GPU, about half an hour.
+
+_PD_DIFFUSION = {"schedule": "cosine_continuous", "T": None, "prediction": "v", "weighting": "snr+1"}
+
+register_config(
+    "pd_toy",
+    small={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 20000},
+        "model": {"dim": 2, "hidden": 128, "depth": 3, "emb_dim": 64},
+        "train": {"steps": 1000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ema_decay": 0.995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_PD_DIFFUSION),
+        "sample": {"n": 1000, "steps": 256},
+        "distill": {"start_steps": 128, "prediction": "v", "weighting": "truncated_snr",
+                    "train": {"steps": 80, "batch_size": 256, "lr": 5e-4, "warmup": 0, "ema_decay": 0.0,
+                              "grad_clip": 1.0}},
+    },
+    full={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 100000},
+        "model": {"dim": 2, "hidden": 256, "depth": 4, "emb_dim": 128},
+        "train": {"steps": 30000, "batch_size": 1024, "lr": 1e-3, "warmup": 500, "ema_decay": 0.999,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_PD_DIFFUSION),
+        "sample": {"n": 10000, "steps": 1024},
+        "distill": {"start_steps": 512, "prediction": "v", "weighting": "truncated_snr",
+                    "train": {"steps": 2000, "batch_size": 1024, "lr": 2e-4, "warmup": 0, "ema_decay": 0.0,
+                              "grad_clip": 1.0}},
+    },
+)
+
+register_config(
+    "pd_digits",
+    small={
+        "architecture": "unet",
+        "data": {"dataset": "digits", "size": 8, "split": "train"},
+        "model": {"in_channels": 1, "base_channels": 16, "channel_mults": (1, 2), "num_res_blocks": 1,
+                  "attention_resolutions": (), "dropout": 0.0, "image_size": 8},
+        "train": {"steps": 600, "batch_size": 128, "lr": 2e-3, "warmup": 100, "ema_decay": 0.995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_PD_DIFFUSION),
+        "sample": {"n": 128, "steps": 64},
+        "distill": {"start_steps": 32, "prediction": "v", "weighting": "truncated_snr",
+                    "train": {"steps": 60, "batch_size": 64, "lr": 5e-4, "warmup": 0, "ema_decay": 0.0,
+                              "grad_clip": 1.0}},
+    },
+    full={
+        "architecture": "unet",
+        "data": {"dataset": "digits", "size": 16, "split": "train"},
+        "model": {"in_channels": 1, "base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2,
+                  "attention_resolutions": (8,), "dropout": 0.1, "image_size": 16},
+        "train": {"steps": 30000, "batch_size": 128, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_PD_DIFFUSION),
+        "sample": {"n": 297, "steps": 512},
+        "distill": {"start_steps": 256, "prediction": "v", "weighting": "truncated_snr",
+                    "train": {"steps": 2000, "batch_size": 128, "lr": 1e-4, "warmup": 0, "ema_decay": 0.0,
+                              "grad_clip": 1.0}},
+    },
+)
+
+
+# ---- chapter 4
+# DDGAN (Xiao et al. 2022). "model" is the generator: a denoiser built with latent_dim, read as an
+# x-prediction; "discriminator" holds the keyword arguments of nn.MLPDiscriminator ("mlp") or
+# nn.ConvDiscriminator ("unet"); "train" those of ddgan.train_ddgan. The schedule is DDGAN's: the VP
+# schedule (beta 0.1 -> 20) discretised to T steps (ddgan.ddgan_schedule). Adam betas (0.5, 0.9) as in the
+# official code. small: a two-time-scale update (lr_d > lr_g; Heusel et al. 2017), because the paper's
+# lr_d < lr_g learns too slowly in a few hundred steps, and on the 2-D toy R1 weight 0.2: its scale depends
+# on the data (narrow 2-D modes need steep logits), and chapter 4's ablation measures 0, 0.02 (the paper's
+# CIFAR-10 value), 0.2 and 2. "ddpm4_toy" is the DDPM baseline on the same 4-step schedule (train.train
+# keyword arguments).
+
+_DDGAN_DIFFUSION = {"schedule": "linear_vp", "beta_min": 0.1, "beta_max": 20.0, "T": 4, "prediction": "x"}
+
+register_config(
+    "ddgan_toy",
+    small={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 20000},
+        "model": {"dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32, "latent_dim": 16, "fourier_features": 0},
+        "discriminator": {"dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32, "fourier_features": 8},
+        "train": {"steps": 400, "batch_size": 128, "lr_g": 5e-4, "lr_d": 2e-3, "betas_g": (0.5, 0.9),
+                  "betas_d": (0.5, 0.9), "r1_gamma": 0.2, "lazy_reg": 15, "ema_decay": 0.99, "seed": 0},
+        "diffusion": dict(_DDGAN_DIFFUSION),
+        "sample": {"n": 1000, "steps": 4},
+    },
+    full={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 100000},
+        "model": {"dim": 2, "hidden": 256, "depth": 4, "emb_dim": 128, "latent_dim": 32,
+                  "fourier_features": 0},
+        "discriminator": {"dim": 2, "hidden": 256, "depth": 4, "emb_dim": 128, "fourier_features": 8},
+        "train": {"steps": 20000, "batch_size": 512, "lr_g": 2e-4, "lr_d": 4e-4, "betas_g": (0.5, 0.9),
+                  "betas_d": (0.5, 0.9), "r1_gamma": 0.2, "lazy_reg": 15, "ema_decay": 0.999, "seed": 0},
+        "diffusion": dict(_DDGAN_DIFFUSION),
+        "sample": {"n": 10000, "steps": 4},
+    },
+)
+
+register_config(
+    "ddgan_digits",
+    small={
+        "architecture": "unet",
+        "data": {"dataset": "digits", "size": 8, "split": "train"},
+        "model": {"in_channels": 1, "base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1,
+                  "attention_resolutions": (), "dropout": 0.0, "image_size": 8, "latent_dim": 16},
+        "discriminator": {"in_channels": 1, "base_channels": 16, "channel_mults": (1, 2), "image_size": 8,
+                          "emb_dim": 32},
+        "train": {"steps": 300, "batch_size": 64, "lr_g": 5e-4, "lr_d": 2e-3, "betas_g": (0.5, 0.9),
+                  "betas_d": (0.5, 0.9), "r1_gamma": 0.02, "lazy_reg": 15, "ema_decay": 0.99, "seed": 0},
+        "diffusion": dict(_DDGAN_DIFFUSION),
+        "sample": {"n": 128, "steps": 4},
+    },
+    full={
+        "architecture": "unet",
+        "data": {"dataset": "digits", "size": 16, "split": "train"},
+        "model": {"in_channels": 1, "base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2,
+                  "attention_resolutions": (8,), "dropout": 0.0, "image_size": 16, "latent_dim": 100},
+        "discriminator": {"in_channels": 1, "base_channels": 64, "channel_mults": (1, 2), "image_size": 16,
+                          "emb_dim": 128},
+        "train": {"steps": 20000, "batch_size": 64, "lr_g": 1.6e-4, "lr_d": 1.25e-4, "betas_g": (0.5, 0.9),
+                  "betas_d": (0.5, 0.9), "r1_gamma": 0.02, "lazy_reg": 15, "ema_decay": 0.999, "seed": 0},
+        "diffusion": dict(_DDGAN_DIFFUSION),
+        "sample": {"n": 297, "steps": 4},
+    },
+)
+
+register_config(
+    "ddpm4_toy",
+    small={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 20000},
+        "model": {"dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32},
+        "train": {"steps": 400, "batch_size": 128, "lr": 2e-3, "warmup": 50, "ema_decay": 0.99,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": {"schedule": "linear_vp", "beta_min": 0.1, "beta_max": 20.0, "T": 4, "prediction": "eps",
+                      "weighting": "eps"},
+        "sample": {"n": 1000, "steps": 4},
+    },
+    full={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 100000},
+        "model": {"dim": 2, "hidden": 256, "depth": 4, "emb_dim": 128},
+        "train": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "warmup": 500, "ema_decay": 0.999,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": {"schedule": "linear_vp", "beta_min": 0.1, "beta_max": 20.0, "T": 4, "prediction": "eps",
+                      "weighting": "eps"},
+        "sample": {"n": 10000, "steps": 4},
+    },
+)

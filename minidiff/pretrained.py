@@ -4,7 +4,9 @@
 (L_simple, Ho et al. 2020 Algorithm 1, through ``minidiff.train.train``) and caches its EMA
 weights as safetensors + JSON under ``metrics.cache_dir()``, keyed by a hash of the whole
 config; the next call (in any chapter) loads them instead of training again. Nothing is
-downloaded: the weights always come from running this code.
+downloaded: the weights always come from running this code. The same works for any config of
+that form: chapter 5's teachers ("pd_toy", "pd_digits") are continuous-time models (cosine
+schedule, ``"T": None``, times t ~ U(0, 1]) with v-prediction and the SNR+1 weighting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from . import configs, data, diffusion, schedules
 from .metrics import cache_dir
 from .nn import MLPDenoiser, UNet
-from .train import load_model, save_model, train
+from .train import load_config, load_model, save_model, train
 
 __all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "store", "training_data"]
 
@@ -37,6 +39,8 @@ class PretrainedModel:
     path: Path | None
     train_seconds: float  # 0.0 when loaded from the cache
     losses: list[float] | None  # None when loaded from the cache
+    recorded_seconds: float | None = None  # wall time of the run that trained these weights, also when
+    #                                        loaded from the cache (None: cached before it was recorded)
 
 
 def build_model(config: dict) -> torch.nn.Module:
@@ -83,14 +87,16 @@ def store(model: torch.nn.Module, config: dict, cache: bool | str | Path = True)
 
 def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str | Path = True,
                device: str | torch.device = "cpu", progress: bool = True) -> PretrainedModel:
-    """Train (or load from the cache) the DDPM eps-model of a chapter-1 config; returns its EMA model.
+    """Train (or load from the cache) the diffusion model of a config; returns its EMA model.
 
-    name_or_config: a config name for ``configs.get_config`` (e.g. "ddpm_toy", "ddpm_digits") or a
-    config dict of the same form. cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
+    name_or_config: a config name for ``configs.get_config`` (e.g. "ddpm_toy", "ddpm_digits", chapter 5's
+    "pd_toy") or a config dict of the same form; its "diffusion" entry names the schedule (with "T" for a
+    discrete one, None for a continuous one), the prediction and the loss weighting of
+    ``diffusion.training_loss``. cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
     """
     config = configs.get_config(name_or_config, size) if isinstance(name_or_config, str) else name_or_config
     diff = config["diffusion"]
-    schedule = schedules.get_schedule(diff["schedule"], T=diff["T"])
+    schedule = schedules.get_schedule(diff["schedule"], T=diff.get("T"))
     with torch.random.fork_rng(devices=[]):  # initialise as chapter 1 does, leave the caller's RNG alone
         torch.manual_seed(config["train"].get("seed", 0))
         model = build_model(config)
@@ -99,7 +105,8 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
         path = cache_path(config, cache)
         if path.exists():
             load_model(model, path)
-            return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None)
+            recorded = load_config(path).get("train_seconds")
+            return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None, recorded)
 
     def loss_fn(net, batch, generator):
         return diffusion.training_loss(net, schedule, batch, prediction=diff["prediction"],
@@ -111,5 +118,5 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
     seconds = time.perf_counter() - t0
     ema = result.ema_model.eval()
     if path is not None:
-        save_model(ema, path, config={"minidiff_config": config})
-    return PretrainedModel(ema, config, schedule, path, seconds, result.losses)
+        save_model(ema, path, config={"minidiff_config": config, "train_seconds": seconds})
+    return PretrainedModel(ema, config, schedule, path, seconds, result.losses, seconds)
