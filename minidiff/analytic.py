@@ -9,6 +9,11 @@ z_t | k ~ N(alpha c_k, v I) with v = alpha^2 s^2 + sigma^2, and by Bayes (Gaussi
 the posterior-weighted average that minimises the denoising loss (Luhman & Luhman 2022, eq. (4)).
 The matching eps* = (z_t - alpha x*) / sigma = sum_k r_k sigma (z_t - alpha c_k) / v is finite at
 sigma = 0. Plugging x* into a sampler isolates the sampler's own error from the network's.
+
+The whole denoising distribution q(z_s | z_t) (s < t) of such data is again a Gaussian mixture
+(``GaussianMixtureDenoiser.reverse_step``): with few, large steps it is multimodal, which DDPM's
+Gaussian reverse step cannot represent (Xiao et al. 2022, Sec. 3.1; chapter 4). ``moment_match``
+gives its best Gaussian fit and ``mixture_log_prob`` its density.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from .diffusion import PREDICTIONS
 from .schedules import NoiseSchedule
 
-__all__ = ["GaussianMixtureDenoiser", "gaussian_flow_map"]
+__all__ = ["GaussianMixtureDenoiser", "gaussian_flow_map", "mixture_log_prob", "moment_match"]
 
 
 class GaussianMixtureDenoiser(torch.nn.Module):
@@ -80,6 +85,42 @@ class GaussianMixtureDenoiser(torch.nn.Module):
             out = alpha * eps - sigma * x  # v = alpha eps - sigma x
         return out.to(z.dtype)
 
+    def reverse_step(self, z_t: torch.Tensor, t, s) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exact denoising distribution q(z_s | z_t) for 0 <= s < t, a Gaussian mixture.
+
+        Given z_t and component k, x ~ N(m_k, tau^2 I) with m_k = E[x | z_t, k] and
+        tau^2 = s^2 sigma_t^2 / v_t (Gaussian conditioning); the posterior of the forward process is
+        q(z_s | z_t, x) = N(a z_t + b x, var I) with a = e^{lambda_t - lambda_s} alpha_s / alpha_t,
+        b = (1 - e^{lambda_t - lambda_s}) alpha_s, var = (1 - e^{lambda_t - lambda_s}) sigma_s^2
+        (``diffusion.posterior``). Integrating x out of q(z_s | z_t, x) q(x | z_t):
+
+            q(z_s | z_t) = sum_k r_k(z_t) N(a z_t + b m_k, (var + b^2 tau^2) I),
+
+        with the responsibilities r_k of :meth:`posterior_mean`. z_t: (B, D) (or (B, ...) with D
+        features); t, s: scalars or (B,). Returns (weights (B, K), means (B, K, D), variances (B,)),
+        float64. Its mean is a z_t + b x*(z_t), the mean DDPM's reverse step uses.
+        """
+        flat = z_t.reshape(len(z_t), -1).to(torch.float64)
+        if flat.shape[1] != self.centers.shape[1]:
+            raise ValueError(f"z_t has {flat.shape[1]} features per example but the centers have "
+                             f"{self.centers.shape[1]}.")
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(len(z_t)).cpu()
+        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).expand(len(z_t)).cpu()
+        if not bool((s < t).all()) or not bool((s >= 0).all()):
+            raise ValueError("reverse_step needs 0 <= s < t (z_s is the less noisy point).")
+        alpha_t, sigma_t = (v.to(flat.device)[:, None] for v in self.schedule.alpha_sigma(t))
+        alpha_s, sigma_s = (v.to(flat.device)[:, None] for v in self.schedule.alpha_sigma(s))
+        dlam = (self.schedule.logsnr(t) - self.schedule.logsnr(s)).to(flat.device)[:, None]
+        ratio, one_minus = dlam.exp(), -torch.expm1(dlam)       # e^{lambda_t - lambda_s}, 1 - e^{...}
+        a, b, var = ratio * alpha_s / alpha_t, one_minus * alpha_s, one_minus * sigma_s**2      # (B, 1)
+        v = alpha_t**2 * self.std**2 + sigma_t**2                                               # (B, 1)
+        diff = flat[:, None, :] - alpha_t[:, :, None] * self.centers[None]                     # (B, K, D)
+        r = torch.softmax(self.log_weights[None] - (diff**2).sum(-1) / (2 * v), dim=1)        # (B, K)
+        m = self.centers[None] + (alpha_t * self.std**2 / v)[:, :, None] * diff                # E[x | z_t, k]
+        tau2 = self.std**2 * sigma_t**2 / v
+        means = a[:, :, None] * flat[:, None, :] + b[:, :, None] * m
+        return r, means, (var + b**2 * tau2)[:, 0]
+
 
 def gaussian_flow_map(schedule: NoiseSchedule, z: torch.Tensor, t_from, t_to, mean: torch.Tensor,
                       std: float) -> torch.Tensor:
@@ -95,3 +136,32 @@ def gaussian_flow_map(schedule: NoiseSchedule, z: torch.Tensor, t_from, t_to, me
     a0, s0 = schedule.alpha_sigma(torch.tensor(float(t_to), dtype=f64))
     xi = (z.to(f64) - a1 * mean) / torch.sqrt(a1**2 * std**2 + s1**2)
     return (a0 * mean + torch.sqrt(a0**2 * std**2 + s0**2) * xi).to(z.dtype)
+
+
+def mixture_log_prob(x: torch.Tensor, weights: torch.Tensor, means: torch.Tensor,
+                     var: torch.Tensor) -> torch.Tensor:
+    """log sum_k w_k N(x; mu_k, var I) for isotropic mixtures as returned by ``reverse_step``.
+
+    x: (N, B, D) points (N per mixture) or (B, D); weights (B, K), means (B, K, D), var (B,).
+    Returns (N, B) (or (B,)), float64.
+    """
+    x = torch.as_tensor(x, dtype=torch.float64)
+    squeeze = x.ndim == 2
+    x = x[None] if squeeze else x
+    d = means.shape[-1]
+    sq = ((x[:, :, None, :] - means[None]) ** 2).sum(-1)                                   # (N, B, K)
+    log_norm = -0.5 * d * torch.log(2 * torch.pi * var)[None, :, None]
+    out = torch.logsumexp(weights.log()[None] + log_norm - sq / (2 * var[None, :, None]), dim=-1)
+    return out[0] if squeeze else out
+
+
+def moment_match(weights: torch.Tensor, means: torch.Tensor,
+                 var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best Gaussian fit N(mu, Sigma) of a mixture sum_k w_k N(mu_k, var I): same mean and covariance,
+    mu = sum_k w_k mu_k, Sigma = var I + sum_k w_k (mu_k - mu)(mu_k - mu)^T. Among all Gaussians it
+    minimises KL(mixture || Gaussian), the divergence that maximum-likelihood training of a Gaussian
+    reverse step minimises. Shapes as in ``mixture_log_prob``; returns mu (B, D), Sigma (B, D, D)."""
+    mu = (weights[:, :, None] * means).sum(1)
+    dev = means - mu[:, None, :]
+    cov = torch.einsum("bk,bki,bkj->bij", weights, dev, dev)
+    return mu, cov + var[:, None, None] * torch.eye(means.shape[-1], dtype=means.dtype)

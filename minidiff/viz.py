@@ -41,6 +41,7 @@ METHOD_COLORS = {
     "dpm_solver": "#393b79",
     "ancestral": "#1f77b4",
     "gan": "#ad494a",
+    "ddpm_few_steps": "#9ecae1",
 }
 """One colour per method, the same in every chapter (teacher = ddpm, student = distilled)."""
 

@@ -78,3 +78,81 @@ def test_bad_inputs():
         GaussianMixtureDenoiser(torch.zeros(3, 2), 0.1, schedule, weights=torch.ones(2))
     with pytest.raises(ValueError, match="features"):
         GaussianMixtureDenoiser(torch.zeros(3, 2), 0.1, schedule)(torch.zeros(4, 3), torch.ones(4))
+
+
+# ----------------------------------------------------------------------------- the denoising distribution
+
+
+def test_reverse_step_against_bayes_on_a_grid():
+    """q(z_s|z_t) ∝ q(z_s) q(z_t|z_s), evaluated on a fine 1-D grid, equals the mixture of reverse_step."""
+    from minidiff.analytic import mixture_log_prob
+    from minidiff.diffusion import transition
+    from minidiff.schedules import LinearVPSchedule, discretize
+
+    schedule = discretize(LinearVPSchedule(), 4)
+    centers, std = torch.tensor([[-1.0], [0.2], [0.7]], dtype=F64), 0.1
+    weights = torch.tensor([0.5, 0.2, 0.3], dtype=F64)
+    den = GaussianMixtureDenoiser(centers, std, schedule, weights=weights)
+    grid = torch.linspace(-4, 4, 16001, dtype=F64)
+    for t, s, z in ((0.5, 0.25, 0.3), (0.25, 0.0, -0.4), (1.0, 0.75, 1.5)):
+        w, means, var = den.reverse_step(torch.tensor([[z]], dtype=F64), t, s)
+        a_s, sg_s = schedule.alpha_sigma(torch.tensor(s, dtype=F64))
+        a_ts, var_ts = transition(schedule, s, t)
+        v_s = a_s**2 * std**2 + sg_s**2
+        sq = (grid[:, None] - a_s * centers[:, 0]) ** 2
+        log_prior = torch.logsumexp(weights.log() - sq / (2 * v_s), dim=1)
+        log_post = log_prior - (z - a_ts * grid) ** 2 / (2 * var_ts)
+        p = (log_post - log_post.max()).exp()
+        p = p / (p.sum() * (grid[1] - grid[0]))
+        q = mixture_log_prob(grid[:, None, None], w, means, var)[:, 0].exp()
+        torch.testing.assert_close(q, p, atol=1e-4 * p.max(), rtol=0)   # up to the grid's truncation
+
+
+def test_reverse_step_against_monte_carlo():
+    """Simulate (x, z_s, z_t), keep the z_t near a value, compare the kept z_s with reverse_step's moments."""
+    from minidiff.schedules import LinearVPSchedule, discretize
+
+    schedule = discretize(LinearVPSchedule(), 4)
+    centers, std, n = torch.tensor([[-0.6], [0.5]], dtype=F64), 0.05, 4_000_000
+    den = GaussianMixtureDenoiser(centers, std, schedule)
+    g = torch.Generator().manual_seed(0)
+    x = centers[torch.randint(2, (n,), generator=g), 0] + std * torch.randn(n, generator=g, dtype=F64)
+    for t, s in ((0.5, 0.25), (0.25, 0.0)):
+        a_s, sg_s = schedule.alpha_sigma(torch.tensor(s, dtype=F64))
+        a_t, sg_t = schedule.alpha_sigma(torch.tensor(t, dtype=F64))
+        z_s = a_s * x + sg_s * torch.randn(n, generator=g, dtype=F64)
+        noise = torch.randn(n, generator=g, dtype=F64)
+        z_t = (a_t / a_s) * z_s + (sg_t**2 - (a_t / a_s) ** 2 * sg_s**2).sqrt() * noise
+        keep = (z_t - 0.05).abs() < 0.005
+        w, means, var = den.reverse_step(torch.tensor([[0.05]], dtype=F64), t, s)
+        mean = (w[0] * means[0, :, 0]).sum()
+        second = (w[0] * (means[0, :, 0] ** 2 + var[0])).sum()
+        p_pos = (w[0] * torch.special.ndtr(means[0, :, 0] / var[0].sqrt())).sum()   # P(z_s > 0), exact
+        assert keep.sum() > 10_000
+        assert abs(z_s[keep].mean() - mean) < 0.015
+        assert abs(z_s[keep].var() - (second - mean**2)) < 0.015
+        assert abs((z_s[keep] > 0).double().mean() - p_pos) < 0.015
+    assert 0.2 < w[0, 1] < 0.8 and (means[0, 1, 0] - means[0, 0, 0]) > 8 * var[0].sqrt()  # last step: 2 modes
+
+
+def test_reverse_step_mean_is_ddpms_step_and_moment_match():
+    from minidiff.analytic import moment_match
+    from minidiff.diffusion import posterior
+
+    centers, std = toy_modes("25gaussians")
+    schedule = get_schedule("linear", T=1000)
+    den = GaussianMixtureDenoiser(centers, std, schedule)
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    w, means, var = den.reverse_step(z, 0.3, 0.2)
+    mu, cov = moment_match(w, means, var)
+    x_star, _ = den.posterior_mean(z, torch.tensor(0.3))
+    torch.testing.assert_close(mu, posterior(schedule, z, x_star, 0.3, 0.2)[0])  # mu-tilde(z_t, x*)
+    dev = means - mu[:, None]
+    spread = (w[:, :, None, None] * dev[..., None] * dev[..., None, :]).sum(1)
+    expected = var[:, None, None] * torch.eye(2, dtype=F64) + spread
+    torch.testing.assert_close(cov, expected)
+    w1, m1, v1 = den.reverse_step(z, 0.3, 0.299)                    # a tiny step: close to one Gaussian
+    _, cov1 = moment_match(w1, m1, v1)
+    assert bool((torch.linalg.eigvalsh(cov1)[:, -1] < 2 * v1).all())
+    with pytest.raises(ValueError, match="0 <= s < t"):
+        den.reverse_step(z, 0.3, 0.3)

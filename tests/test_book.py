@@ -32,6 +32,8 @@ PAGES = {
     "chapter 1": "notebooks/01_ddpm.html",
     "chapter 2": "notebooks/02_ddim.html",
     "chapter 3": "notebooks/03_probability_flow.html",
+    "chapter 4": "notebooks/04_ddgan.html",
+    "chapter 5": "notebooks/05_progressive_distillation.html",
 }
 SCREENSHOTS = {"intro": "book/intro.html", "chapter 1": "notebooks/01_ddpm.html",
                "chapter 2": "notebooks/02_ddim.html"}

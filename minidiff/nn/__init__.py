@@ -1,5 +1,6 @@
-"""Networks: UNet and MLP denoisers and the embeddings they share."""
+"""Networks: UNet and MLP denoisers, DDGAN's discriminators and the embeddings they share."""
 
+from .discriminator import ConvDiscriminator, MLPDiscriminator
 from .embeddings import (
     CONDITIONING_KEYS,
     ClassEmbedding,
@@ -17,7 +18,9 @@ __all__ = [
     "CONDITIONING_KEYS",
     "ClassEmbedding",
     "ConditioningEmbedding",
+    "ConvDiscriminator",
     "MLPDenoiser",
+    "MLPDiscriminator",
     "PositionEmbedding",
     "ScalarEmbedding",
     "TimeEmbedding",
