@@ -16,14 +16,7 @@ from minidiff.nn import (
     sinusoidal_embedding,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy 2-core machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), groups=4, image_size=8)

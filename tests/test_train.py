@@ -10,14 +10,7 @@ from minidiff.diffusion import NonFiniteLossError
 from minidiff.nn import MLPDenoiser, UNet
 from minidiff.train import EMA, latest_checkpoint, load_config, load_model, save_model, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy 2-core machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def eps_loss(model, batch, generator):
