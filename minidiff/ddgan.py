@@ -4,7 +4,7 @@ Denoising Diffusion GANs", ICLR): a few large denoising steps, each one a condit
 With few steps the true denoising distribution q(x_{t-1} | x_t) is multimodal, and DDPM's Gaussian
 reverse step cannot represent it (chapter 4 computes it exactly for a Gaussian mixture,
 ``analytic.GaussianMixtureDenoiser.reverse_step``). DDGAN keeps the forward process and makes the
-reverse step implicit (Sec. 3.3, eq. (6)):
+reverse step implicit (Sec. 3.2, paragraph "Parametrizing the implicit denoising model"):
 
     p_theta(x_{t-1} | x_t) = ∫ p(u) q(x_{t-1} | x_t, x_0 = G_theta(x_t, u, t)) du,    u ~ N(0, I):
 
@@ -16,8 +16,9 @@ as the official code feeds z to adaptive group norms) and read as an x-predictio
 
 Training is one GAN for all steps, with a time-conditional discriminator D(x_{t-1}, x_t, t)
 (``nn.MLPDiscriminator`` / ``nn.ConvDiscriminator``). Real pairs come from the forward process,
-x_{t-1} ~ q(x_{t-1} | x_0) and x_t ~ q(x_t | x_{t-1}) (Sec. 3.2, under eq. (4)); fake pairs from the
-generator. The losses are the non-saturating GAN losses of eqs. (4)-(5) written with softplus,
+x_{t-1} ~ q(x_{t-1} | x_0) and x_t ~ q(x_t | x_{t-1}) (Sec. 3.2, the rewrite under eq. (5)); fake pairs from
+the generator. The adversarial objective is eq. (4); the losses are D's loss, eq. (5), and G's
+non-saturating loss (Sec. 3.2, after eq. (5)), written with softplus,
 -log sigmoid(l) = softplus(-l) and -log(1 - sigmoid(l)) = softplus(l) for a logit l. D also pays
 the R1 penalty gamma/2 E||grad_{x_{t-1}} D||^2 on real pairs (Mescheder et al. 2018) every
 ``lazy_reg`` steps; like the official code we do not rescale it by ``lazy_reg``.
@@ -37,19 +38,17 @@ so G maps (x_1, u) straight to data and D judges x_0 next to an uninformative x_
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import diffusion, samplers
 from .diffusion import NonFiniteLossError
 from .schedules import DiscreteSchedule, LinearVPSchedule, discretize
-from .train import EMA, _make_sampler, _to, save_model
+from .train import save_model, train
 
 __all__ = [
     "MAX_T",
@@ -64,6 +63,7 @@ __all__ = [
     "generator_loss",
     "r1_penalty",
     "sample",
+    "DDGANStep",
     "train_ddgan",
     "build",
     "train_config",
@@ -115,7 +115,8 @@ def draw_latent(batch: int, latent_dim: int, like: torch.Tensor,
 
 class LatentModel(nn.Module):
     """The generator as a ``model(z, t)`` for ``samplers.sample``: x-hat = G(z, t, latent=u) with a
-    fresh u ~ N(0, I) at every call (eq. (6)), drawn from `generator` (so a seeded run repeats)."""
+    fresh u ~ N(0, I) at every call (Sec. 3.2, the parameterisation), drawn from `generator` (so a
+    seeded run repeats)."""
 
     def __init__(self, net: nn.Module, generator: torch.Generator | None = None):
         super().__init__()
@@ -128,7 +129,7 @@ class LatentModel(nn.Module):
 
 def sample(net: nn.Module, schedule: DiscreteSchedule, shape, generator: torch.Generator | None = None,
            progress: bool = False, return_trajectory: bool = False, device=None) -> samplers.SampleResult:
-    """DDGAN sampling (Xiao et al. 2022, Sec. 3.3): x_1 ~ N(0, I); for t = 1, (T-1)/T, ..., 1/T:
+    """DDGAN sampling (Xiao et al. 2022, Sec. 3.2; chapter 4 §3): x_1 ~ N(0, I); for t = 1, (T-1)/T, ..., 1/T:
     u ~ N(0, I), x-hat = G(x_t, u, t), x_{t-1} ~ q(x_{t-1} | x_t, x-hat) (no noise at the last step).
 
     That is ``samplers.sample`` with ``DDPMStep("posterior")`` on the grid of `schedule`, the
@@ -175,12 +176,14 @@ def posterior_sample(schedule: DiscreteSchedule, x_t: torch.Tensor, x0_hat: torc
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Eq. (4): E[-log D(real)] + E[-log(1 - D(fake))] = mean softplus(-l_real) + mean softplus(l_fake)."""
+    """D's loss (Xiao et al. 2022, eq. (5)): E[-log D(real)] + E[-log(1 - D(fake))]
+    = mean softplus(-l_real) + mean softplus(l_fake)."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Eq. (5), non-saturating: E[-log D(fake)] = mean softplus(-l_fake)."""
+    """G's non-saturating loss (Xiao et al. 2022, Sec. 3.2, after eq. (5)): E[-log D(fake)]
+    = mean softplus(-l_fake)."""
     return F.softplus(-fake_logits).mean()
 
 
@@ -221,19 +224,99 @@ def _finite(value: float, what: str, step: int, hint: str) -> float:
     return value
 
 
+class DDGANStep:
+    """DDGAN's train step for ``train.train`` (``step=``): one discriminator and one generator update
+    (Xiao et al. 2022, Sec. 3; chapter 4 §4). Per call, with a batch x_0 of real data and t = i/T,
+    i ~ U{1..T}, u ~ N(0, I):
+
+      D: real pair (x_{t-1}, x_t) from :func:`real_pairs`; fake x'_{t-1} ~ q(x_{t-1}|x_t, G(x_t, u, t));
+         minimise the discriminator loss (+ R1 on the real pair every `lazy_reg` steps, weight `r1_gamma`).
+      G: new t, x_t ~ q(x_t | x_0), u; x'_{t-1} as above; minimise the non-saturating generator loss.
+
+    The training loop updates the EMA of G after each call. Logs "d" (D's loss without R1), "g" and,
+    at the regularised steps, "r1". Adam for both players (the official defaults for CIFAR-10); with
+    ``lr_min`` both learning rates follow a cosine from their start value to lr_min over ``steps``.
+    """
+
+    description = "DDGAN"
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, schedule: DiscreteSchedule, steps: int,
+                 lr_g: float = 1.6e-4, lr_d: float = 1.25e-4, betas_g: tuple[float, float] = (0.5, 0.9),
+                 betas_d: tuple[float, float] = (0.5, 0.9), r1_gamma: float = 0.02, lazy_reg: int = 15,
+                 lr_min: float | None = None):
+        if lazy_reg < 1 or r1_gamma < 0:
+            raise ValueError(f"need lazy_reg >= 1 and r1_gamma >= 0; got {lazy_reg}, {r1_gamma}.")
+        self.G, self.D, self.schedule, self.steps = generator, discriminator, schedule, steps
+        self.T = schedule.T
+        self.latent_dim = _check_generator(generator)
+        self.g_params = [p for p in generator.parameters() if p.requires_grad]
+        self.lr_g, self.lr_d, self.lr_min = lr_g, lr_d, lr_min
+        self.r1_gamma, self.lazy_reg = r1_gamma, lazy_reg
+        self.optimizers = {"g": torch.optim.Adam(self.g_params, lr=lr_g, betas=betas_g, foreach=True),
+                           "d": torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=betas_d,
+                                                 foreach=True)}
+        self.modules = {"discriminator": discriminator}
+        self.settings = dict(T=self.T, lr_g=lr_g, lr_d=lr_d, betas_g=list(betas_g), betas_d=list(betas_d),
+                             r1_gamma=r1_gamma, lazy_reg=lazy_reg, lr_min=lr_min, total_steps=steps)
+        self.description = f"DDGAN T={self.T}"
+        self.hint = (f"lower lr_d / lr_g (now {lr_d}, {lr_g}), raise r1_gamma (now {r1_gamma}) or check that "
+                     "the data is finite and scaled to [-1, 1]")
+
+    def _draw_steps(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
+        return torch.randint(1, self.T + 1, (n,), generator=gen, device=device)
+
+    def _fake_prev(self, x_t: torch.Tensor, i: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """x'_{t-1} ~ q(x_{t-1} | x_t, x_0 = G(x_t, u, t)): the implicit denoising distribution."""
+        t, s = _step_times(self.schedule, i)
+        u = draw_latent(len(x_t), self.latent_dim, x_t, gen)
+        x0_hat = self.G(x_t, t.to(x_t.dtype), latent=u)
+        return posterior_sample(self.schedule, x_t, x0_hat, t, s, gen)
+
+    def __call__(self, index: int, x0: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+        opt_g, opt_d, T = self.optimizers["g"], self.optimizers["d"], self.T
+        if self.lr_min is not None:                                    # cosine annealing (official code)
+            for opt, lr in ((opt_g, self.lr_g), (opt_d, self.lr_d)):
+                for group in opt.param_groups:
+                    group["lr"] = self.lr_min + (lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * index
+                                                                                         / self.steps))
+        logged = {}
+        # 1. discriminator: real pair vs fake pair at the same x_t; R1 every lazy_reg steps
+        i = self._draw_steps(len(x0), gen, x0.device)
+        t = (i.to(torch.float64) / T).to(x0.dtype)
+        x_prev, x_t = real_pairs(self.schedule, x0, i, gen)
+        with torch.no_grad():
+            fake = self._fake_prev(x_t, i, gen)
+        loss_d = discriminator_loss(self.D(x_prev, x_t, t), self.D(fake, x_t, t))
+        logged["d"] = _finite(loss_d.item(), "discriminator loss", index, self.hint)
+        if self.r1_gamma > 0 and index % self.lazy_reg == 0:
+            r1 = r1_penalty(self.D, x_prev, x_t, t, self.r1_gamma)
+            logged["r1"] = _finite(r1.item(), "R1 penalty", index, self.hint)
+            loss_d = loss_d + r1
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        # 2. generator: new t, x_t ~ q(x_t | x_0); gradients for G only (D stays as it is)
+        i = self._draw_steps(len(x0), gen, x0.device)
+        t = (i.to(torch.float64) / T).to(x0.dtype)
+        x_t, _ = diffusion.q_sample(self.schedule, x0, i.to(torch.float64) / T, generator=gen)
+        loss_g = generator_loss(self.D(self._fake_prev(x_t, i, gen), x_t, t))
+        logged["g"] = _finite(loss_g.item(), "generator loss", index, self.hint)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward(inputs=self.g_params)
+        opt_g.step()
+        return logged
+
+
 def train_ddgan(generator: nn.Module, discriminator: nn.Module, data, T: int = 4, steps: int = 2000,
                 batch_size: int = 256, lr_g: float = 1.6e-4, lr_d: float = 1.25e-4,
                 betas_g: tuple[float, float] = (0.5, 0.9), betas_d: tuple[float, float] = (0.5, 0.9),
                 r1_gamma: float = 0.02, lazy_reg: int = 15, ema_decay: float = 0.999,
                 lr_min: float | None = None, seed: int = 0, schedule: DiscreteSchedule | None = None,
                 progress: bool = True, save_dir: str | Path | None = None,
-                num_threads: int | None = 1) -> DDGANResult:
-    """Train a DDGAN: alternate one discriminator and one generator step (Xiao et al. 2022, Sec. 3).
-
-    Per step, with a batch x_0 of real data and t = i/T, i ~ U{1..T}, u ~ N(0, I):
-      D: real pair (x_{t-1}, x_t) from :func:`real_pairs`; fake x'_{t-1} ~ q(x_{t-1}|x_t, G(x_t, u, t));
-         minimise eq. (4) (+ R1 on the real pair every `lazy_reg` steps, weight `r1_gamma`).
-      G: new t, x_t ~ q(x_t | x_0), u; x'_{t-1} as above; minimise eq. (5); update the EMA of G.
+                num_threads: int | None = 1, checkpoint_dir: str | Path | None = None,
+                checkpoint_every: int | None = None, resume: bool = False) -> DDGANResult:
+    """Train a DDGAN (Xiao et al. 2022, Sec. 3; chapter 4 §4): :class:`DDGANStep` through the one
+    training loop ``train.train`` (EMA of G, seeded generators, checkpoints and exact resume).
 
     Args:
         generator: a denoiser built with ``latent_dim`` (MLPDenoiser / UNet), read as x-prediction.
@@ -253,6 +336,8 @@ def train_ddgan(generator: nn.Module, discriminator: nn.Module, data, T: int = 4
         num_threads: torch threads while training on a CPU (restored afterwards): small networks train
             fastest single-threaded, especially on a busy machine (as ``metrics.train_classifier``);
             None keeps the current setting.
+        checkpoint_dir, checkpoint_every, resume: as for ``train.train`` (both players, both optimisers
+            and the loss history are checkpointed; a resumed run ends with the same weights).
 
     Raises NonFiniteLossError (a ValueError) when a loss becomes NaN or infinite.
     """
@@ -263,88 +348,25 @@ def train_ddgan(generator: nn.Module, discriminator: nn.Module, data, T: int = 4
     if steps < 0 or batch_size < 1 or lazy_reg < 1 or r1_gamma < 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, lazy_reg >= 1 and r1_gamma >= 0; got {steps}, "
                          f"{batch_size}, {lazy_reg}, {r1_gamma}.")
-    latent_dim = _check_generator(generator)
-    sample_batch = _make_sampler(data)
+    step = DDGANStep(generator, discriminator, schedule, steps, lr_g=lr_g, lr_d=lr_d, betas_g=betas_g,
+                     betas_d=betas_d, r1_gamma=r1_gamma, lazy_reg=lazy_reg, lr_min=lr_min)
     device = next(generator.parameters()).device
-    g_params = [p for p in generator.parameters() if p.requires_grad]
-    opt_g = torch.optim.Adam(g_params, lr=lr_g, betas=betas_g, foreach=True)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=betas_d, foreach=True)
-    data_gen = torch.Generator().manual_seed(seed)
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    hint = (f"lower lr_d / lr_g (now {lr_d}, {lr_g}), raise r1_gamma (now {r1_gamma}) or check that the data "
-            "is finite and scaled to [-1, 1]")
-    result = DDGANResult(generator, None, discriminator, schedule)
-
-    def draw_steps(n: int) -> torch.Tensor:
-        return torch.randint(1, T + 1, (n,), generator=gen, device=device)
-
-    def fake_prev(x_t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        """x'_{t-1} ~ q(x_{t-1} | x_t, x_0 = G(x_t, u, t)), eq. (6)."""
-        t, s = _step_times(schedule, i)
-        u = draw_latent(len(x_t), latent_dim, x_t, gen)
-        x0_hat = generator(x_t, t.to(x_t.dtype), latent=u)
-        return posterior_sample(schedule, x_t, x0_hat, t, s, gen)
-
-    def one_step(step: int) -> None:
-        """Cosine lr (optional), a D step (eq. (4) + lazy R1), a G step (eq. (5)), the EMA update."""
-        if lr_min is not None:                                         # cosine annealing (official code)
-            for opt, lr in ((opt_g, lr_g), (opt_d, lr_d)):
-                for group in opt.param_groups:
-                    group["lr"] = lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x0 = _to(sample_batch(batch_size, data_gen), device)
-        # discriminator: real pair vs fake pair at the same x_t, eq. (4); R1 every lazy_reg steps
-        i = draw_steps(len(x0))
-        t = (i.to(torch.float64) / T).to(x0.dtype)
-        x_prev, x_t = real_pairs(schedule, x0, i, gen)
-        with torch.no_grad():
-            fake = fake_prev(x_t, i)
-        loss_d = discriminator_loss(discriminator(x_prev, x_t, t), discriminator(fake, x_t, t))
-        result.d_losses.append(_finite(loss_d.item(), "discriminator loss", step, hint))
-        if r1_gamma > 0 and step % lazy_reg == 0:
-            r1 = r1_penalty(discriminator, x_prev, x_t, t, r1_gamma)
-            result.r1.append(_finite(r1.item(), "R1 penalty", step, hint))
-            loss_d = loss_d + r1
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        # generator: new t, x_t ~ q(x_t | x_0), eq. (5); gradients for G only (D stays as it is)
-        i = draw_steps(len(x0))
-        t = (i.to(torch.float64) / T).to(x0.dtype)
-        x_t, _ = diffusion.q_sample(schedule, x0, i.to(torch.float64) / T, generator=gen)
-        loss_g = generator_loss(discriminator(fake_prev(x_t, i), x_t, t))
-        result.g_losses.append(_finite(loss_g.item(), "generator loss", step, hint))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward(inputs=g_params)
-        opt_g.step()
-        ema.update(generator)
-
     threads = torch.get_num_threads()
     if num_threads is not None and device.type == "cpu":
         torch.set_num_threads(num_threads)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            ema = EMA(generator, ema_decay)
-            generator.train()
-            discriminator.train()
-            t0 = time.perf_counter()
-            bar = tqdm(range(steps), desc=f"DDGAN T={T}", disable=not progress, leave=False)
-            for step in bar:
-                one_step(step)
-                if step % 50 == 0:
-                    bar.set_postfix(d=f"{result.d_losses[-1]:.3f}", g=f"{result.g_losses[-1]:.3f}",
-                                    refresh=False)
-            bar.close()
-            result.seconds = time.perf_counter() - t0
+        out = train(generator, None, data, steps, batch_size=batch_size, ema_decay=ema_decay, seed=seed,
+                    progress=progress, step=step, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=checkpoint_every, resume=resume)
     finally:
         torch.set_num_threads(threads)
-    result.steps = steps
-    result.ema_generator = ema.model.eval()
-    generator.eval()
-    discriminator.eval()
+    history = out.history
+    result = DDGANResult(generator, out.ema_model.eval(), discriminator, schedule,
+                         d_losses=history.get("d", []), g_losses=history.get("g", []),
+                         r1=history.get("r1", []), steps=out.steps, seconds=out.seconds)
     if save_dir is not None:
         folder = Path(save_dir)
-        save_model(ema.model, folder / "generator_ema")
+        save_model(out.ema_model, folder / "generator_ema")
         save_model(generator, folder / "generator")
         save_model(discriminator, folder / "discriminator")
     return result

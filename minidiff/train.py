@@ -1,15 +1,22 @@
-"""The one training loop: AdamW, linear warm-up, gradient clipping, EMA, checkpoints, exact resume.
+"""The one training loop: batches, seeded generators, EMA, progress, checkpoints, exact resume.
 
-Every method of the book trains through ``train(model, loss_fn, data, steps)``; only ``loss_fn``
-changes (DDPM's L_simple, Ho et al. 2020, Algorithm 1; a distillation or GAN loss later).
+Every method of the book trains through ``train(model, loss_fn, data, steps)``. What one optimisation
+step does is a *train step* (:class:`TrainStep`): by default :class:`LossStep`, one AdamW step on
+``loss_fn(model, batch, generator)`` with linear warm-up and gradient clipping (DDPM's L_simple, Ho et
+al. 2020, Algorithm 1; distillation's loss, chapter 5). A method with its own optimisers, such as
+DDGAN's two-player step (chapter 4), passes ``step=`` instead of a loss and gets the rest of the loop
+for free: checkpoints, exact resume, the EMA, the progress bar, the non-finite-loss error, and the
+seeded generators.
+
 The exponential moving average of the weights is what DDPM samples from (Ho et al. 2020,
 Appendix B, decay 0.9999); here with TensorFlow's warm-up min(decay, (1 + n) / (10 + n)) so
 that short CPU runs are not dominated by the initial weights.
 
 Checkpoints never pickle: tensors go to safetensors, everything else (step, settings, optimiser
-scalars, random-generator states, losses) to JSON. Batches are drawn i.i.d. with replacement
-from a seeded generator, so resuming from a checkpoint reproduces an uninterrupted run bit for
-bit on CPU.
+scalars, random-generator states, losses) to JSON; both are written to a temporary file and renamed,
+so a run killed while writing leaves the previous checkpoint intact. Batches are drawn i.i.d. with
+replacement from a seeded generator, so resuming from a checkpoint reproduces an uninterrupted run
+bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,24 +39,28 @@ from .diffusion import NonFiniteLossError
 
 __all__ = [
     "EMA",
+    "LossStep",
     "NonFiniteLossError",
     "TrainResult",
+    "TrainStep",
+    "atomic_save_file",
     "latest_checkpoint",
     "load_config",
     "load_model",
+    "make_batch_sampler",
     "save_model",
+    "to_device",
     "train",
 ]
-
-# Settings that must match between a checkpoint and the run that resumes it.
-_RESUME_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed", "log_every")
-
 
 class EMA:
     """Exponential moving average of a model's parameters, kept in a frozen copy ``ema.model``.
 
     ``update(model)`` sets p_ema <- d p_ema + (1 - d) p with d = min(decay, (1 + n) / (10 + n)) after
-    n previous updates; buffers are copied.
+    n previous updates; buffers are copied. The parameter lists are built once (the first update) and
+    updated with one foreach call each, which gives the same bits as a per-tensor ``lerp_``. With
+    decay 0 the average is the model itself: ``update`` only counts, and ``sync(model)`` copies the
+    weights when they are needed (the training loop calls it before a checkpoint and at the end).
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
@@ -57,26 +69,130 @@ class EMA:
         self.decay = decay
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs: tuple | None = None
+
+    def _lists(self, model: torch.nn.Module) -> tuple:
+        if self._pairs is None or self._pairs[0] is not model:
+            params = [p.detach() for p in model.parameters()]
+            buffers = list(model.buffers())
+            ema_params, ema_buffers = list(self.model.parameters()), list(self.model.buffers())
+            if len(params) != len(ema_params) or len(buffers) != len(ema_buffers):
+                raise ValueError("EMA.update got a model with another architecture than the one it averages")
+            self._pairs = (model, ema_params, params, ema_buffers, buffers)
+        return self._pairs[1:]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        if self.decay == 0:
+            self.num_updates += 1
+            return
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
+        ema_params, params, ema_buffers, buffers = self._lists(model)
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
         self.num_updates += 1
+
+    @torch.no_grad()
+    def sync(self, model: torch.nn.Module) -> None:
+        """With decay 0, copy the model's weights into ``ema.model`` (otherwise nothing to do)."""
+        if self.decay == 0:
+            ema_params, params, ema_buffers, buffers = self._lists(model)
+            torch._foreach_copy_(ema_params, params)
+            if buffers:
+                torch._foreach_copy_(ema_buffers, buffers)
+
+
+@runtime_checkable
+class TrainStep(Protocol):
+    """One optimisation step of a method, for :func:`train` (chapter 1 §4; chapter 4 §4 for DDGAN's).
+
+    ``step(index, batch, generator) -> dict[str, float]`` updates the weights on one batch (already on
+    the model's device) and returns the values to log (``"loss"`` is the one shown and averaged into
+    ``TrainResult.losses``). ``generator`` is the loop's seeded generator for the step's own noise.
+    ``optimizers`` (name -> optimiser) and ``modules`` (name -> extra networks beyond the trained
+    model, e.g. DDGAN's discriminator) are saved in checkpoints and restored on resume; ``settings``
+    (JSON values) must match for a resume. ``description`` labels the progress bar.
+    """
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    modules: dict[str, torch.nn.Module]
+    settings: dict
+    description: str
+
+    def __call__(self, index: int, batch, generator: torch.Generator) -> dict[str, float]: ...
+
+
+class LossStep:
+    """The default train step: one AdamW (or ``optimizer``) step on ``loss_fn(model, batch, generator)``.
+
+    The learning rate is ``lr * min(1, (index + 1) / warmup)`` (linear warm-up), times
+    ``lr_factor(index)`` if given (e.g. a cosine decay); the global gradient norm is clipped to
+    ``grad_clip`` (None or 0: no clipping). A non-finite loss or gradient norm raises
+    NonFiniteLossError with advice, before the weights change.
+    """
+
+    description = "train"
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, lr: float = 2e-4, weight_decay: float = 0.0,
+                 warmup: int = 100, grad_clip: float | None = 1.0,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 lr_factor: Callable[[int], float] | None = None):
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+        self.model, self.loss_fn = model, loss_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.lr, self.warmup, self.grad_clip, self.lr_factor = lr, warmup, grad_clip, lr_factor
+        make = optimizer or torch.optim.AdamW
+        opt = make(self.params, lr=lr, weight_decay=weight_decay) if optimizer is None else make(self.params,
+                                                                                                  lr=lr)
+        self.optimizers = {"opt": opt}
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.settings = dict(lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip,
+                             optimizer=type(opt).__name__)
+
+    def __call__(self, index: int, batch, generator: torch.Generator) -> dict[str, float]:
+        opt = self.optimizers["opt"]
+        lr = self.lr * min(1.0, (index + 1) / self.warmup) if self.warmup else self.lr
+        if self.lr_factor is not None:
+            lr = lr * self.lr_factor(index)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = self.loss_fn(self.model, batch, generator)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"loss is {value} at step {index}: lower the learning rate (lr={self.lr}), keep grad_clip "
+                "on, check that the data is finite and scaled to [-1, 1]; with checkpoints, "
+                "resume=True restarts from the last good state"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(
+                    f"gradient norm is {float(norm)} at step {index} (loss {value:.4g}): lower the "
+                    f"learning rate (lr={self.lr}) and check the data and the loss for divisions by ~0"
+                )
+        opt.step()
+        return {"loss": value}
 
 
 @dataclass
 class TrainResult:
-    """Result of ``train``: both models (eval mode), logged losses, steps done, wall time of this call."""
+    """Result of ``train``: both models (eval mode), logged losses (the mean of every ``log_every``
+    steps' "loss"), every value the step logged (``history``, one entry per step that logged it),
+    steps done, wall time of this call."""
 
     model: torch.nn.Module
     ema_model: torch.nn.Module
     losses: list[float]
     steps: int
     seconds: float
+    history: dict[str, list[float]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- state (de)serialisation
@@ -117,24 +233,25 @@ def _json_value(v):
     raise TypeError(f"cannot store optimiser value {v!r} of type {type(v).__name__} in JSON")
 
 
-def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optim/{idx}/{k}"] = v.detach().to("cpu").contiguous().clone()
+                tensors[f"{prefix}{idx}/{k}"] = v.detach().to("cpu").contiguous().clone()
             else:
                 scalars[f"{idx}/{k}"] = _json_value(v)
     groups = [{k: _json_value(v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "state_scalars": scalars}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                    prefix: str) -> None:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
+        if key.startswith(prefix):
+            idx, name = key[len(prefix):].split("/", 1)
             state.setdefault(int(idx), {})[name] = v
     for key, v in meta["state_scalars"].items():
         idx, name = key.split("/", 1)
@@ -154,10 +271,25 @@ def _rng_from_list(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8)
 
 
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file next to ``path``, then rename it over ``path`` (atomic on POSIX):
+    a crash mid-write leaves the old file (or none), never a truncated one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj)))
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` through a temporary file and a rename, so that readers never see a
+    half-written file (a crash leaves the previous file in place)."""
+    _replace_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ----------------------------------------------------------------------------- model files
@@ -169,11 +301,14 @@ def _weights_path(path) -> Path:
 
 
 def save_model(model: torch.nn.Module, path, config: dict | None = None) -> Path:
-    """Save weights to ``path`` (.safetensors) and ``config`` (default: ``model.config``) to a .json."""
+    """Save weights to ``path`` (.safetensors) and ``config`` (default: ``model.config``) to a .json.
+
+    Both files are written atomically (temporary file, then rename); the JSON goes last.
+    """
     weights = _weights_path(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     config = dict(getattr(model, "config", {}) if config is None else config)
-    save_file(_tensors(model, ""), str(weights))
+    atomic_save_file(_tensors(model, ""), weights)
     _write_json(weights.with_suffix(".json"), {"class": type(model).__name__, "config": config})
     return weights
 
@@ -205,7 +340,10 @@ def load_model(model: torch.nn.Module, path) -> torch.nn.Module:
 
 
 def latest_checkpoint(checkpoint_dir) -> Path | None:
-    """Path (without suffix) of the newest complete checkpoint ``ckpt_<step>`` in the folder, or None."""
+    """Path (without suffix) of the newest complete checkpoint ``ckpt_<step>`` in the folder, or None.
+
+    A checkpoint is complete when both its .safetensors and its .json exist (the JSON is written last).
+    """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return None
@@ -215,13 +353,19 @@ def latest_checkpoint(checkpoint_dir) -> Path | None:
     return max(done, key=lambda p: int(p.stem.split("_")[1])).with_suffix("")
 
 
-def _save_checkpoint(folder: Path, step: int, model, ema: EMA, opt, meta: dict, keep: int) -> None:
+def _save_checkpoint(folder: Path, step: int, model, ema: EMA, train_step: TrainStep, meta: dict,
+                     keep: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"ckpt_{step:08d}"
-    opt_tensors, opt_meta = _optimizer_state(opt)
-    tensors = {**_tensors(model, "model/"), **_tensors(ema.model, "ema/"), **opt_tensors}
-    save_file(tensors, str(base) + ".safetensors")
-    _write_json(base.with_suffix(".json"), {**meta, "step": step, "optimizer": opt_meta,
+    tensors = {**_tensors(model, "model/"), **_tensors(ema.model, "ema/")}
+    for name, module in train_step.modules.items():
+        tensors.update(_tensors(module, f"module.{name}/"))
+    optimizers = {}
+    for name, opt in train_step.optimizers.items():
+        opt_tensors, optimizers[name] = _optimizer_state(opt, f"optim.{name}/")
+        tensors.update(opt_tensors)
+    atomic_save_file(tensors, str(base) + ".safetensors")
+    _write_json(base.with_suffix(".json"), {**meta, "step": step, "optimizers": optimizers,
                                            "ema_num_updates": ema.num_updates})
     if keep:
         old = sorted(folder.glob("ckpt_*.json"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]
@@ -233,8 +377,12 @@ def _save_checkpoint(folder: Path, step: int, model, ema: EMA, opt, meta: dict, 
 # ----------------------------------------------------------------------------- data
 
 
-def _make_sampler(data) -> Callable[[int, torch.Generator], object]:
-    """Return batch(batch_size, generator) for a tensor, a tuple of tensors or a callable."""
+def make_batch_sampler(data) -> Callable[[int, torch.Generator], object]:
+    """Return batch(batch_size, generator) for a tensor, a tuple of tensors or a callable.
+
+    Tensors are sampled i.i.d. with replacement (one index draw per batch, shared by the tuple's
+    tensors); a callable (batch_size, generator) -> batch is returned as it is.
+    """
     if callable(data) and not isinstance(data, torch.Tensor):
         return data
     if isinstance(data, torch.Tensor):
@@ -259,13 +407,14 @@ def _make_sampler(data) -> Callable[[int, torch.Generator], object]:
     return batch
 
 
-def _to(batch, device):
+def to_device(batch, device):
+    """Move a batch (a tensor, or tuples / lists / dicts of them) to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, tuple | list):
-        return type(batch)(_to(b, device) for b in batch)
+        return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 
@@ -274,7 +423,7 @@ def _to(batch, device):
 
 def train(
     model: torch.nn.Module,
-    loss_fn: Callable,
+    loss_fn: Callable | None,
     data,
     steps: int,
     batch_size: int = 128,
@@ -290,26 +439,30 @@ def train(
     progress: bool = True,
     log_every: int = 1,
     keep_checkpoints: int = 2,
+    step: TrainStep | None = None,
 ) -> TrainResult:
-    """Train ``model`` for ``steps`` optimiser steps on ``loss_fn(model, batch, generator)``.
+    """Train ``model`` for ``steps`` optimisation steps (chapter 1 §4, Ho et al. 2020, Algorithm 1).
 
     Args:
+        loss_fn: ``loss_fn(model, batch, generator)`` returns a scalar; its ``generator`` (on the model's
+            device, seeded from ``seed``) is for the loss's own noise (t and eps). The step is then
+            :class:`LossStep` with ``lr``, ``weight_decay``, ``warmup`` and ``grad_clip``.
+        step: instead of ``loss_fn`` (pass ``loss_fn=None``): a :class:`TrainStep` that does a whole
+            optimisation step itself, with its own optimisers (e.g. ``ddgan.DDGANStep``); ``lr`` and the
+            other LossStep settings are then the step's business and must be left at their defaults.
         data: a tensor (N, ...), a tuple of tensors sampled with the same indices (e.g. images,
             labels), or a callable (batch_size, generator) -> batch. Batches are i.i.d. with
             replacement from a CPU generator seeded with ``seed``.
-        loss_fn: returns a scalar; its ``generator`` (on the model's device, seeded from ``seed``)
-            is for the loss's own noise (t and eps).
-        lr, weight_decay: AdamW; the learning rate rises linearly over ``warmup`` steps.
-        grad_clip: clip the global gradient norm (None or 0: no clipping).
-        ema_decay: EMA of the weights (see ``EMA``).
+        ema_decay: EMA of ``model``'s weights after every step (see ``EMA``); 0 makes it the model.
         checkpoint_dir, checkpoint_every: save every so many steps and at the end (safetensors +
             JSON, the newest ``keep_checkpoints`` kept; 0 keeps all).
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if none);
             gives the same weights as an uninterrupted run.
-        log_every: record the mean loss of every ``log_every`` steps in ``losses``.
+        log_every: record the mean "loss" of every ``log_every`` steps in ``losses``.
 
     Dropout and other global-RNG use run in a forked RNG seeded with ``seed``, so the caller's
-    global RNG is untouched. Returns ``TrainResult``; both models are left in eval mode.
+    global RNG is untouched. Returns ``TrainResult``; the model and the step's modules are left in
+    eval mode.
     """
     if steps < 0 or batch_size < 1 or log_every < 1 or warmup < 0:
         raise ValueError("need steps >= 0, batch_size >= 1, log_every >= 1 and warmup >= 0")
@@ -317,15 +470,23 @@ def train(
         raise ValueError(f"checkpoint_every must be a positive step count or None, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder the earlier run saved to)")
-    sample_batch = _make_sampler(data)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    device = params[0].device
-    settings = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                    grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, log_every=log_every)
+    if step is None:
+        if loss_fn is None:
+            raise ValueError("give either loss_fn(model, batch, generator) or step= (a TrainStep)")
+        step = LossStep(model, loss_fn, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip)
+    elif loss_fn is not None:
+        raise ValueError("give loss_fn or step=, not both: a TrainStep computes its own loss")
+    elif not isinstance(step, TrainStep):
+        raise ValueError("step must be a TrainStep: a callable (index, batch, generator) -> dict of losses "
+                         "with the attributes optimizers, modules, settings and description")
+    sample_batch = make_batch_sampler(data)
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        raise ValueError("the model has no parameters to train")
+    device = param.device
+    settings = dict(batch_size=batch_size, ema_decay=ema_decay, seed=seed, log_every=log_every,
+                    **step.settings)
 
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     data_gen = torch.Generator().manual_seed(seed)
     loss_gen = torch.Generator(device=device).manual_seed(seed + 1)
     cuda = device.type == "cuda"
@@ -336,7 +497,7 @@ def train(
         if cuda:
             torch.cuda.manual_seed(seed)
         ema = EMA(model, ema_decay)
-        start, losses, window = 0, [], [0.0, 0]
+        start, losses, window, history = 0, [], [0.0, 0], {}
         ckpt = latest_checkpoint(folder) if resume else None
         if ckpt is not None:
             meta = json.loads(ckpt.with_suffix(".json").read_text())
@@ -350,69 +511,62 @@ def train(
             tensors = load_file(str(ckpt) + ".safetensors")  # on CPU; load_state_dict moves them
             _load_tensors(model, tensors, "model/", ckpt)
             _load_tensors(ema.model, tensors, "ema/", ckpt)
-            _load_optimizer(opt, tensors, meta["optimizer"])
+            for name, module in step.modules.items():
+                _load_tensors(module, tensors, f"module.{name}/", ckpt)
+            for name, opt in step.optimizers.items():
+                _load_optimizer(opt, tensors, meta["optimizers"][name], f"optim.{name}/")
             ema.num_updates = meta["ema_num_updates"]
-            start, losses, window = meta["step"], meta["losses"], meta["window"]
+            start, losses, window, history = meta["step"], meta["losses"], meta["window"], meta["history"]
             data_gen.set_state(_rng_from_list(meta["rng"]["data"]))
             loss_gen.set_state(_rng_from_list(meta["rng"]["loss"]))
             torch.set_rng_state(_rng_from_list(meta["rng"]["torch"]))
             if cuda and "cuda" in meta["rng"]:
                 torch.cuda.set_rng_state(_rng_from_list(meta["rng"]["cuda"]), device)
 
-        def checkpoint(step: int) -> None:
+        def checkpoint(done: int) -> None:
             rng = {"data": _rng_to_list(data_gen.get_state()), "loss": _rng_to_list(loss_gen.get_state()),
                    "torch": _rng_to_list(torch.get_rng_state())}
             if cuda:
                 rng["cuda"] = _rng_to_list(torch.cuda.get_rng_state(device))
-            meta = {"settings": settings, "steps": steps, "losses": losses, "window": window, "rng": rng,
-                    "model_class": type(model).__name__, "model_config": getattr(model, "config", None)}
-            _save_checkpoint(folder, step, model, ema, opt, meta, keep_checkpoints)
-
-        def one_step(step: int) -> float:
-            """Warm-up lr, draw a batch, loss, backward, clip, AdamW step, EMA update."""
-            for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
-            batch = _to(sample_batch(batch_size, data_gen), device)
-            loss = loss_fn(model, batch, loss_gen)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"loss is {value} at step {step}: lower the learning rate (lr={lr}), keep grad_clip "
-                    "on, check that the data is finite and scaled to [-1, 1]; with checkpoints, "
-                    "resume=True restarts from the last good state"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                if not torch.isfinite(norm):
-                    raise NonFiniteLossError(
-                        f"gradient norm is {float(norm)} at step {step} (loss {value:.4g}): lower the "
-                        f"learning rate (lr={lr}) and check the data and the loss for divisions by ~0"
-                    )
-            opt.step()
-            ema.update(model)
-            return value
+            meta = {"settings": settings, "steps": steps, "losses": losses, "window": window,
+                    "history": history, "rng": rng, "model_class": type(model).__name__,
+                    "model_config": getattr(model, "config", None)}
+            ema.sync(model)
+            _save_checkpoint(folder, done, model, ema, step, meta, keep_checkpoints)
 
         t0 = time.perf_counter()
         model.train()
-        bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc="train")
+        for module in step.modules.values():
+            module.train()
+        bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc=step.description)
         try:
-            for step in range(start, steps):
-                window[0] += one_step(step)
-                window[1] += 1
-                if window[1] == log_every:
-                    losses.append(window[0] / log_every)
-                    window = [0.0, 0]
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            for index in range(start, steps):
+                logged = step(index, to_device(sample_batch(batch_size, data_gen), device), loss_gen)
+                ema.update(model)
+                for key, value in logged.items():
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(f"{key} is {value} at step {index}: lower the learning rate "
+                                                 "and check that the data is finite and scaled to [-1, 1]")
+                    history.setdefault(key, []).append(value)
+                if "loss" in logged:
+                    window[0] += logged["loss"]
+                    window[1] += 1
+                    if window[1] == log_every:
+                        losses.append(window[0] / log_every)
+                        window = [0.0, 0]
+                if progress and index % 25 == 0:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()}, refresh=False)
                 bar.update(1)
-                done = step + 1
+                done = index + 1
                 if folder is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
                     checkpoint(done)
         finally:
             bar.close()
+        ema.sync(model)
         if folder is not None and (ckpt is None or start < steps):
             checkpoint(max(start, steps))
     model.eval()
+    for module in step.modules.values():
+        module.eval()
     return TrainResult(model=model, ema_model=ema.model, losses=list(losses), steps=max(start, steps),
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, history=history)

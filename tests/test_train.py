@@ -2,13 +2,24 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from minidiff import train as train_module
 from minidiff.diffusion import NonFiniteLossError
 from minidiff.nn import MLPDenoiser, UNet
-from minidiff.train import EMA, latest_checkpoint, load_config, load_model, save_model, train
+from minidiff.train import (
+    EMA,
+    LossStep,
+    TrainStep,
+    latest_checkpoint,
+    load_config,
+    load_model,
+    save_model,
+    train,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -121,7 +132,7 @@ def test_checkpoint_contents(tmp_path):
     assert meta["step"] == 5 and len(meta["losses"]) == 2 and meta["window"][1] == 1
     assert meta["settings"]["batch_size"] == 16 and meta["model_config"]["hidden"] == 32
     assert all(isinstance(v, int) for v in meta["rng"]["data"][:10])
-    assert meta["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 5 / 10)  # linear warm-up
+    assert meta["optimizers"]["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 5 / 10)  # warm-up
     with pytest.raises(ValueError, match="settings differ"):
         train(tiny_mlp(), eps_loss, toy_points(), 8, checkpoint_dir=tmp_path, resume=True,
               **{**FAST, "lr": 1})
@@ -201,3 +212,113 @@ def test_load_model_from_training_checkpoint(tmp_path):
     res = train(tiny_mlp(), eps_loss, toy_points(), 3, checkpoint_dir=tmp_path, **FAST)
     fresh = load_model(tiny_mlp(7), latest_checkpoint(tmp_path))
     assert same_weights(fresh, res.model)
+
+
+def test_ema_foreach_update_matches_the_per_tensor_rule_bit_for_bit():
+    model, ref = tiny_unet(), tiny_unet()
+    ema = EMA(model, decay=0.95)
+    ema_ref = [p.detach().clone() for p in ref.parameters()]
+    for n in range(5):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+                step = torch.randn(p.shape, generator=torch.Generator().manual_seed(n))
+                p.add_(step)
+                q.add_(step)
+        ema.update(model)
+        d = min(0.95, (1 + n) / (10 + n))
+        for e, q in zip(ema_ref, ref.parameters(), strict=True):
+            e.lerp_(q.detach(), 1.0 - d)
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), ema_ref, strict=True))
+
+
+def test_ema_decay_zero_is_the_model_without_per_step_work():
+    res = train(tiny_mlp(), eps_loss, toy_points(), 5, ema_decay=0.0, **FAST)
+    assert same_weights(res.model, res.ema_model) and res.ema_model is not res.model
+    model = tiny_mlp()
+    ema = EMA(model, decay=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    assert not same_weights(model, ema.model)   # update() only counts with decay 0 ...
+    ema.sync(model)
+    assert same_weights(model, ema.model) and ema.num_updates == 1   # ... sync() copies
+
+
+class CountingStep:
+    """A custom TrainStep: plain SGD on eps_loss, logging two values."""
+
+    description = "sgd"
+
+    def __init__(self, model):
+        self.model = model
+        self.optimizers = {"sgd": torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)}
+        self.modules = {}
+        self.settings = {"sgd_lr": 0.05}
+
+    def __call__(self, index, batch, generator):
+        loss = eps_loss(self.model, batch, generator)
+        opt = self.optimizers["sgd"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "index": float(index)}
+
+
+def test_a_custom_train_step_gets_history_and_exact_resume(tmp_path):
+    assert isinstance(CountingStep(tiny_mlp()), TrainStep) and isinstance(
+        LossStep(tiny_mlp(), eps_loss), TrainStep)
+    model = tiny_mlp()
+    full = train(model, None, toy_points(), 8, step=CountingStep(model), batch_size=16, progress=False)
+    assert full.history["index"] == [float(i) for i in range(8)] and full.losses == full.history["loss"]
+    model = tiny_mlp()
+    train(model, None, toy_points(), 4, step=CountingStep(model), batch_size=16, progress=False,
+          checkpoint_dir=tmp_path)
+    model = tiny_mlp(3)
+    resumed = train(model, None, toy_points(), 8, step=CountingStep(model), batch_size=16, progress=False,
+                    checkpoint_dir=tmp_path, resume=True)
+    assert same_weights(full.model, resumed.model) and same_weights(full.ema_model, resumed.ema_model)
+    assert resumed.history == full.history
+    with pytest.raises(ValueError, match="not both"):
+        train(model, eps_loss, toy_points(), 1, step=CountingStep(model), progress=False)
+    with pytest.raises(ValueError, match="either loss_fn"):
+        train(model, None, toy_points(), 1, progress=False)
+    with pytest.raises(ValueError, match="must be a TrainStep"):
+        train(model, None, toy_points(), 1, step=lambda i, b, g: {}, progress=False)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
+    full = train(tiny_mlp(), eps_loss, toy_points(), 6, **FAST)
+    real_save = train_module.save_file
+    calls = []
+
+    def dying_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:                      # the second checkpoint: half a file, then the process dies
+            Path(path).write_bytes(b"\x00" * 100)
+            raise KeyboardInterrupt("killed mid-write")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train_module, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_mlp(), eps_loss, toy_points(), 6, checkpoint_dir=tmp_path, checkpoint_every=2, **FAST)
+    monkeypatch.setattr(train_module, "save_file", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000002.json", "ckpt_00000002.safetensors"]
+    resumed = train(tiny_mlp(4), eps_loss, toy_points(), 6, checkpoint_dir=tmp_path, resume=True, **FAST)
+    assert same_weights(full.model, resumed.model) and same_weights(full.ema_model, resumed.ema_model)
+
+
+def test_save_model_is_atomic(tmp_path, monkeypatch):
+    model = tiny_mlp()
+    path = save_model(model, tmp_path / "m")
+    before = path.read_bytes()
+
+    def dying_save(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\x00" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tiny_mlp(1), tmp_path / "m")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.json",
+                                                                                          "m.safetensors"]

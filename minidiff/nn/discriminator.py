@@ -1,7 +1,7 @@
 """Time-conditional discriminators D(x_{t-1}, x_t, t) for denoising diffusion GANs.
 
 DDGAN's discriminator judges a *pair*: is x_{t-1} a plausible denoised version of x_t at step t
-(Xiao et al. 2022, Sec. 3.2, eq. (4))? Both networks here read the pair side by side (the two
+(Xiao et al. 2022, Sec. 3.2; trained with eq. (5))? Both networks here read the pair side by side (the two
 points concatenated, or the two images stacked as channels, as in the official code) and the time
 through the book's :class:`~minidiff.nn.embeddings.TimeEmbedding`, added to the features of every
 layer. They return one logit per example, shape (B,); D = sigmoid(logit) is the probability
