@@ -2,8 +2,10 @@
 
 ``ddpm_model("ddpm_digits")`` trains the model of a named config exactly as chapter 1 does
 (L_simple, Ho et al. 2020 Algorithm 1, through ``minidiff.train.train``) and caches its EMA
-weights as safetensors + JSON under ``metrics.cache_dir()``, keyed by a hash of the whole
-config; the next call (in any chapter) loads them instead of training again. Nothing is
+weights as safetensors + JSON under ``cache.cache_dir()``, keyed by a hash of the whole
+config; the next call (in any chapter) loads them instead of training again. Parallel
+notebooks train an entry once (``cache.load_or_build`` holds a file lock), and an entry that
+does not load is trained again with a warning. Nothing is
 downloaded: the weights always come from running this code. The same works for any config of
 that form: chapter 5's teachers ("pd_toy", "pd_digits") are continuous-time models (cosine
 schedule, ``"T": None``, times t ~ U(0, 1]) with v-prediction and the SNR+1 weighting.
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import configs, data, diffusion, schedules
-from .metrics import cache_dir
+from .cache import cache_dir, cache_lock, load_or_build
 from .nn import MLPDenoiser, UNet
 from .train import load_config, load_model, save_model, train
 
@@ -82,7 +84,9 @@ def store(model: torch.nn.Module, config: dict, cache: bool | str | Path = True)
     if reference.keys() != got.keys() or any(reference[k].shape != got[k].shape for k in reference):
         raise ValueError("the model does not have the architecture its config describes; "
                          "store the model that was trained with this config.")
-    return save_model(model, cache_path(config, cache), config={"minidiff_config": config})
+    path = cache_path(config, cache)
+    with cache_lock(path):
+        return save_model(model, path, config={"minidiff_config": config})
 
 
 def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str | Path = True,
@@ -97,26 +101,32 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
     config = configs.get_config(name_or_config, size) if isinstance(name_or_config, str) else name_or_config
     diff = config["diffusion"]
     schedule = schedules.get_schedule(diff["schedule"], T=diff.get("T"))
-    with torch.random.fork_rng(devices=[]):  # initialise as chapter 1 does, leave the caller's RNG alone
-        torch.manual_seed(config["train"].get("seed", 0))
-        model = build_model(config)
-    path = None
-    if cache:
-        path = cache_path(config, cache)
-        if path.exists():
-            load_model(model, path)
-            recorded = load_config(path).get("train_seconds")
-            return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None, recorded)
+
+    def fresh_model() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):  # initialise as chapter 1 does, leave the caller's RNG alone
+            torch.manual_seed(config["train"].get("seed", 0))
+            return build_model(config)
 
     def loss_fn(net, batch, generator):
         return diffusion.training_loss(net, schedule, batch, prediction=diff["prediction"],
                                        weighting=diff["weighting"], generator=generator)
 
-    t0 = time.perf_counter()
-    result = train(model.to(device), loss_fn, training_data(config).to(device), progress=progress,
-                   **config["train"])
-    seconds = time.perf_counter() - t0
-    ema = result.ema_model.eval()
-    if path is not None:
-        save_model(ema, path, config={"minidiff_config": config, "train_seconds": seconds})
-    return PretrainedModel(ema, config, schedule, path, seconds, result.losses, seconds)
+    def build(path: Path | None) -> PretrainedModel:
+        t0 = time.perf_counter()
+        result = train(fresh_model().to(device), loss_fn, training_data(config).to(device), progress=progress,
+                       **config["train"])
+        seconds = time.perf_counter() - t0
+        ema = result.ema_model.eval()
+        if path is not None:
+            save_model(ema, path, config={"minidiff_config": config, "train_seconds": seconds})
+        return PretrainedModel(ema, config, schedule, path, seconds, result.losses, seconds)
+
+    def load(path: Path) -> PretrainedModel:
+        model = load_model(fresh_model(), path)
+        recorded = load_config(path).get("train_seconds")
+        return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None, recorded)
+
+    if not cache:
+        return build(None)
+    # trained once even when notebooks run in parallel: the first holds the lock while it trains
+    return load_or_build(cache_path(config, cache), load, build)

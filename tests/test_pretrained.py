@@ -69,3 +69,39 @@ def test_store_then_load_gives_the_stored_model(tmp_path):
         pretrained.store(trained.model, other, cache=tmp_path)
     with pytest.raises(ValueError, match="config"):
         pretrained.store(trained.model, {"name": "x"}, cache=tmp_path)
+
+
+def test_a_truncated_cache_file_is_trained_again_with_a_warning(tmp_path):
+    first = pretrained.ddpm_model(tiny_config(), cache=tmp_path, progress=False)
+    data = first.path.read_bytes()
+    first.path.write_bytes(data[: len(data) // 2])                  # a run killed while writing (old code)
+    with pytest.warns(RuntimeWarning, match="does not load"):
+        again = pretrained.ddpm_model(tiny_config(), cache=tmp_path, progress=False)
+    assert again.losses is not None                                  # trained, not loaded
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert first.path.read_bytes() == data                          # and the entry is whole again
+    third = pretrained.ddpm_model(tiny_config(), cache=tmp_path, progress=False)
+    assert third.losses is None
+
+
+def _train_in_a_process(cache, queue, barrier):
+    torch.set_num_threads(1)
+    cfg = tiny_config()
+    cfg["train"]["steps"] = 200
+    barrier.wait()                                                    # both ask at the same moment
+    queue.put(pretrained.ddpm_model(cfg, cache=cache, progress=False).losses is not None)
+
+
+def test_two_processes_asking_for_one_model_train_it_once(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_train_in_a_process, args=(str(tmp_path), queue, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    trained = sorted(queue.get(timeout=5) for _ in procs)
+    assert trained == [False, True]                     # one trained, the other waited for it and loaded
