@@ -1,8 +1,13 @@
-"""Named experiment configs, each in two sizes: "small" (2-core CPU) and "full" (one GPU).
+"""Named experiment configs, each in three sizes:
+
+- "small": CI and nbval on a 2-core CPU, at most 2 minutes per chapter;
+- "medium": the CPU runs whose outputs are stored in the book (at most about 15 minutes per chapter),
+  so that tables have the sample sizes and seeds their statistics need;
+- "full": one GPU, about half an hour per chapter.
 
 A config is a plain dict::
 
-    {"name": ..., "size": "small" | "full", "architecture": "mlp" | "unet",
+    {"name": ..., "size": "small" | "medium" | "full", "architecture": "mlp" | "unet",
      "data": {...},        # which data set and how much (see minidiff.data)
      "model": {...},       # keyword arguments of MLPDenoiser or UNet (by "architecture")
      "train": {...},       # keyword arguments of minidiff.train.train
@@ -20,25 +25,26 @@ import os
 
 __all__ = ["SIZES", "resolve_size", "register_config", "config_names", "get_config"]
 
-SIZES = ("small", "full")
+SIZES = ("small", "medium", "full")
 
 _REGISTRY: dict[str, dict[str, dict]] = {}
 
 
 def resolve_size(size: str = "auto") -> str:
-    """Return "small" or "full".
+    """Return "small", "medium" or "full".
 
-    The environment variable ``MINIDIFF_SIZE`` ("small" or "full"), when set, wins over the
-    argument (CI sets ``small``). Otherwise "auto" means "full" if CUDA is available, else "small".
+    The environment variable ``MINIDIFF_SIZE`` ("small", "medium" or "full"), when set, wins over the
+    argument (CI sets ``small``; the book's stored runs ``medium``). Otherwise "auto" means "full" if
+    CUDA is available, else "small".
     """
     if size not in ("auto", *SIZES):
-        raise ValueError(f"size must be 'auto', 'small' or 'full', got {size!r}.")
+        raise ValueError(f"size must be 'auto', 'small', 'medium' or 'full', got {size!r}.")
     env = os.environ.get("MINIDIFF_SIZE", "").strip()
     if env:
         if env.lower() not in SIZES:
             raise ValueError(
-                f"Environment variable MINIDIFF_SIZE={env!r} is not valid: set it to 'small' or 'full', "
-                "or unset it."
+                f"Environment variable MINIDIFF_SIZE={env!r} is not valid: set it to 'small', 'medium' or "
+                "'full', or unset it."
             )
         return env.lower()
     if size == "auto":
@@ -48,13 +54,15 @@ def resolve_size(size: str = "auto") -> str:
     return size
 
 
-def register_config(name: str, small: dict, full: dict) -> None:
-    """Add (or replace) the named config with its two sizes."""
-    for size, cfg in (("small", small), ("full", full)):
+def register_config(name: str, small: dict, full: dict, medium: dict | None = None) -> None:
+    """Add (or replace) the named config with its sizes; ``medium`` defaults to ``small``."""
+    medium = small if medium is None else medium
+    for size, cfg in (("small", small), ("medium", medium), ("full", full)):
         missing = {"data", "model", "train", "diffusion", "sample"} - set(cfg)
         if missing:
             raise ValueError(f"config {name!r} ({size}) lacks the keys {sorted(missing)}.")
-    _REGISTRY[name] = {"small": copy.deepcopy(small), "full": copy.deepcopy(full)}
+    _REGISTRY[name] = {"small": copy.deepcopy(small), "medium": copy.deepcopy(medium),
+                       "full": copy.deepcopy(full)}
 
 
 def config_names() -> list[str]:

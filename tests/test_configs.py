@@ -32,8 +32,9 @@ def test_resolve_size(monkeypatch):
 
 
 def test_resolve_size_bad_argument():
-    with pytest.raises(ValueError, match="'auto', 'small' or 'full'"):
-        configs.resolve_size("medium")
+    with pytest.raises(ValueError, match="'auto', 'small', 'medium' or 'full'"):
+        configs.resolve_size("large")
+    assert configs.resolve_size("medium") == "medium"
 
 
 def test_names_and_unknown():
