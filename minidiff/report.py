@@ -20,7 +20,8 @@ def _cell(value, fmt: str | None) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence],
                    formats: Sequence[str | None] | None = None) -> str:
     """A Markdown table: one header row, then `rows`; numbers are formatted with the column's entry of
-    `formats` (e.g. ".3f", ".1%", None for str()); None or a string is printed as is ("-" for None)."""
+    `formats` (e.g. ".3f", ".1%", None for str()); None or a string is printed as is ("-" for None).
+    A ``evaluation.MeanSD`` cell (from ``evaluation.over_seeds``) prints as "mean ± sd" in the format."""
     width = len(headers)
     formats = [None] * width if formats is None else list(formats)
     if len(formats) != width:
