@@ -163,7 +163,7 @@ def real_pairs(schedule: DiscreteSchedule, x0: torch.Tensor, i: torch.Tensor,
     (Xiao et al. 2022, Sec. 3.2). At i = 1, x_{t-1} = x_0."""
     t, s = _step_times(schedule, i)
     x_prev, _ = diffusion.q_sample(schedule, x0, s, generator=generator)
-    return x_prev, diffusion.q_step(schedule, x_prev, s, t, generator=generator)
+    return x_prev, diffusion.q_step(schedule, x_prev, s=s, t=t, generator=generator)
 
 
 def posterior_sample(schedule: DiscreteSchedule, x_t: torch.Tensor, x0_hat: torch.Tensor, t, s,
@@ -171,7 +171,7 @@ def posterior_sample(schedule: DiscreteSchedule, x_t: torch.Tensor, x0_hat: torc
     """x_{t-1} ~ q(x_{t-1} | x_t, x_0 = x0_hat) = mean + sqrt(var) noise (``diffusion.posterior``;
     Ho et al. 2020, eqs. (6)-(7)). var = 0 where s = 0: the last step adds no noise. One noise
     draw per call whatever s is, so seeded runs stay in step. Differentiable in x0_hat."""
-    mean, var = diffusion.posterior(schedule, x_t, x0_hat, t, s)
+    mean, var = diffusion.posterior(schedule, x_t, x0_hat, t=t, s=s)
     return mean + var.sqrt() * diffusion.randn_like(x_t, generator)
 
 

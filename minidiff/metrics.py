@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from tqdm.auto import tqdm
+
+from .cache import cache_dir, load_or_build
+from .train import atomic_save_file
+from .train import train as train_loop
 
 __all__ = [
     "TOY_METRICS",
@@ -341,11 +342,6 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def cache_dir() -> Path:
-    """Cache folder for trained classifiers: $MINIDIFF_CACHE, else ~/.cache/minidiff."""
-    return Path(os.environ.get("MINIDIFF_CACHE") or Path.home() / ".cache" / "minidiff")
-
-
 def _cache_key(images: torch.Tensor, labels: torch.Tensor, config: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True).encode())
@@ -379,7 +375,7 @@ def train_classifier(
     Training runs on the CPU with ``num_threads`` torch threads (restored afterwards): this tiny
     network trains fastest single-threaded; None keeps the current setting.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}.")
@@ -393,58 +389,65 @@ def train_classifier(
     arch = dict(num_classes=num_classes, in_channels=images.shape[1], width=width, feature_dim=feature_dim)
     config = dict(arch, steps=steps, seed=seed, batch_size=batch_size, lr=lr, version=1)
 
-    path = None
-    if cache is not False:
-        folder = cache_dir() if cache is True else Path(cache)
-        path = folder / f"classifier-{_cache_key(images, labels, config)}.safetensors"
-        if path.exists():
-            model = DigitClassifier(**arch)
-            model.load_state_dict(load_file(str(path)))
-            model.train_seconds = 0.0
-            return model.eval()
+    def load(path: Path) -> DigitClassifier:
+        model = DigitClassifier(**arch)
+        model.load_state_dict(load_file(str(path)))
+        model.train_seconds = 0.0
+        return model.eval()
 
-    threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        model = _fit(images, labels, arch, steps, seed, batch_size, lr, progress)
-    finally:
-        torch.set_num_threads(threads)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp), metadata={"config": json.dumps(config)})
-        tmp.replace(path)
-    return model
+    def build(path: Path | None) -> DigitClassifier:
+        threads = torch.get_num_threads()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            model = _fit(images, labels, arch, steps, seed, batch_size, lr, progress)
+        finally:
+            torch.set_num_threads(threads)
+        if path is not None:
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            atomic_save_file(state, path, metadata={"config": json.dumps(config)})
+        return model
+
+    if cache is False:
+        return build(None)
+    folder = cache_dir() if cache is True else Path(cache)
+    return load_or_build(folder / f"classifier-{_cache_key(images, labels, config)}.safetensors", load, build)
+
+
+def _shifted_batches(images: torch.Tensor, labels: torch.Tensor):
+    """batch(batch_size, generator) for the training loop: images drawn with replacement, the whole batch
+    shifted by up to 1 pixel (light augmentation), the border filled with the background value -1."""
+
+    def batch(batch_size: int, generator: torch.Generator):
+        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+        padded = F.pad(images[idx], (1, 1, 1, 1), value=-1.0)
+        return torch.roll(padded, shifts=shift, dims=(2, 3))[:, :, 1:-1, 1:-1], labels[idx]
+
+    return batch
 
 
 def _fit(images, labels, arch, steps, seed, batch_size, lr, progress) -> DigitClassifier:
-    """Adam with cosine decay on cross-entropy; batches drawn with replacement from ``seed``."""
-    start = time.perf_counter()
+    """Cross-entropy with Adam and a cosine learning-rate decay, through the one training loop
+    (``train.train`` with ``optimizer=Adam``, no warm-up, no clipping, no EMA)."""
+    from .train import LossStep
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitClassifier(**arch)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    x_all, y_all = images.detach().cpu().float(), labels.cpu()
-    model.train()
-    bar = tqdm(range(steps), desc="classifier", disable=not progress, leave=False)
-    for _ in bar:
-        idx = torch.randint(len(x_all), (batch_size,), generator=gen)
-        x = x_all[idx]
-        # light augmentation: shift the batch by up to 1 pixel, filling with the background value -1
-        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
-        x = torch.roll(F.pad(x, (1, 1, 1, 1), value=-1.0), shifts=shift, dims=(2, 3))[:, :, 1:-1, 1:-1]
-        loss = F.cross_entropy(model(x), y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
-    model.train_seconds = time.perf_counter() - start
+
+    def cross_entropy(net, batch, generator):
+        x, y = batch
+        return F.cross_entropy(net(x), y)
+
+    step = LossStep(model, cross_entropy, lr=lr, warmup=0, grad_clip=None, optimizer=torch.optim.Adam,
+                    lr_factor=lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    step.description = "classifier"
+    data = _shifted_batches(images.detach().cpu().float(), labels.cpu())
+    result = train_loop(model, None, data, steps, batch_size=batch_size, ema_decay=0.0, seed=seed,
+                        progress=progress, step=step)
+    model = result.model.eval()
+    model.train_seconds = result.seconds
     return model
 
 
