@@ -65,7 +65,7 @@ def test_posterior_sample_is_the_posterior_mean_plus_noise_and_exact_at_the_last
     i = torch.tensor([1, 2, 3, 4, 1, 2, 3, 4])
     t, s = i.to(F64) / 4, (i.to(F64) - 1) / 4
     out = ddgan.posterior_sample(sched, x_t, x0, t, s, torch.Generator().manual_seed(5))
-    mean, var = diffusion.posterior(sched, x_t, x0, t, s)
+    mean, var = diffusion.posterior(sched, x_t, x0, t=t, s=s)
     noise = diffusion.randn_like(x_t, torch.Generator().manual_seed(5))
     torch.testing.assert_close(out, mean + var.sqrt() * noise)
     last = i == 1
@@ -80,7 +80,7 @@ def test_sampler_is_the_posterior_step_with_a_fresh_latent():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, 2, generator=g)
     u = torch.randn(16, 3, generator=g)
-    mean, var = diffusion.posterior(sched, x, G(x, torch.full((16,), 1.0), latent=u), 1.0, 0.5)
+    mean, var = diffusion.posterior(sched, x, G(x, torch.full((16,), 1.0), latent=u), t=1.0, s=0.5)
     x = mean + var.sqrt() * torch.randn(16, 2, generator=g)
     u = torch.randn(16, 3, generator=g)
     x0 = G(x, torch.full((16,), 0.5), latent=u)
