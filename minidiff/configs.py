@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any
 
-__all__ = ["SIZES", "resolve_size", "register_config", "config_names", "get_config"]
+__all__ = ["SIZES", "resolve_size", "register_config", "shrink", "config_names", "get_config"]
 
 SIZES = ("small", "medium", "full")
 
@@ -54,8 +55,17 @@ def resolve_size(size: str = "auto") -> str:
     return size
 
 
-def register_config(name: str, small: dict, full: dict, medium: dict | None = None) -> None:
-    """Add (or replace) the named config with its sizes; ``medium`` defaults to ``small``."""
+def register_config(name: str, full: dict, small: dict | None = None, medium: dict | None = None,
+                    small_from_medium: dict | None = None) -> None:
+    """Add (or replace) the named config with its sizes. ``medium`` defaults to ``small``; ``small`` may
+    instead be given as changes to ``medium`` (``small_from_medium``, dotted paths as in :func:`shrink`)."""
+    if small is None and medium is None:
+        raise ValueError(f"config {name!r} needs a small or a medium size")
+    if small_from_medium is not None:
+        if medium is None or small is not None:
+            raise ValueError("small_from_medium needs medium= and no small=")
+        small = shrink(medium, **small_from_medium)
+    small = medium if small is None else small
     medium = small if medium is None else medium
     for size, cfg in (("small", small), ("medium", medium), ("full", full)):
         missing = {"data", "model", "train", "diffusion", "sample"} - set(cfg)
@@ -63,6 +73,22 @@ def register_config(name: str, small: dict, full: dict, medium: dict | None = No
             raise ValueError(f"config {name!r} ({size}) lacks the keys {sorted(missing)}.")
     _REGISTRY[name] = {"small": copy.deepcopy(small), "medium": copy.deepcopy(medium),
                        "full": copy.deepcopy(full)}
+
+
+def shrink(config: dict, **changes: Any) -> dict:
+    """A copy of ``config`` with entries replaced, by dotted path: ``shrink(cfg, **{"train.steps": 300})``.
+
+    Used to derive the CI size ("small") from the stored-run size ("medium")."""
+    out = copy.deepcopy(config)
+    for path, value in changes.items():
+        *parents, key = path.split(".")
+        node = out
+        for name in parents:
+            node = node[name]
+        if key not in node:
+            raise ValueError(f"shrink: {path!r} is not an entry of the config")
+        node[key] = value
+    return out
 
 
 def config_names() -> list[str]:
@@ -88,7 +114,7 @@ _DDPM = {"schedule": "linear", "T": 1000, "prediction": "eps", "weighting": "eps
 
 register_config(
     "ddpm_toy",
-    small={
+    medium={
         "architecture": "mlp",
         "data": {"dataset": "25gaussians", "n": 20000},
         "model": {"dim": 2, "hidden": 128, "depth": 3, "emb_dim": 64},
@@ -120,11 +146,12 @@ register_config(
         "diffusion": dict(_DDPM),
         "sample": {"n": 10000, "steps": 1000},
     },
+    small_from_medium={"train.steps": 600, "sample.n": 500},
 )
 
 register_config(
     "ddpm_digits",
-    small={
+    medium={
         "architecture": "unet",
         "data": {"dataset": "digits", "size": 8, "split": "train"},
         "model": {
@@ -172,6 +199,7 @@ register_config(
         "diffusion": dict(_DDPM),
         "sample": {"n": 297, "steps": 1000},
     },
+    small_from_medium={"train.steps": 300, "sample.n": 64},
 )
 
 # ---- chapter 5
@@ -187,7 +215,7 @@ _PD_DIFFUSION = {"schedule": "cosine_continuous", "T": None, "prediction": "v", 
 
 register_config(
     "pd_toy",
-    small={
+    medium={
         "architecture": "mlp",
         "data": {"dataset": "25gaussians", "n": 20000},
         "model": {"dim": 2, "hidden": 128, "depth": 3, "emb_dim": 64},
@@ -211,11 +239,13 @@ register_config(
                     "train": {"steps": 2000, "batch_size": 1024, "lr": 2e-4, "warmup": 0, "ema_decay": 0.0,
                               "grad_clip": 1.0}},
     },
+    small_from_medium={"train.steps": 400, "sample.steps": 64, "distill.start_steps": 32,
+                       "distill.train.steps": 30},
 )
 
 register_config(
     "pd_digits",
-    small={
+    medium={
         "architecture": "unet",
         "data": {"dataset": "digits", "size": 8, "split": "train"},
         "model": {"in_channels": 1, "base_channels": 16, "channel_mults": (1, 2), "num_res_blocks": 1,
@@ -241,6 +271,8 @@ register_config(
                     "train": {"steps": 2000, "batch_size": 128, "lr": 1e-4, "warmup": 0, "ema_decay": 0.0,
                               "grad_clip": 1.0}},
     },
+    small_from_medium={"train.steps": 200, "sample.n": 64, "sample.steps": 16, "distill.start_steps": 8,
+                       "distill.train.steps": 20},
 )
 
 
@@ -259,7 +291,7 @@ _DDGAN_DIFFUSION = {"schedule": "linear_vp", "beta_min": 0.1, "beta_max": 20.0, 
 
 register_config(
     "ddgan_toy",
-    small={
+    medium={
         "architecture": "mlp",
         "data": {"dataset": "25gaussians", "n": 20000},
         "model": {"dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32, "latent_dim": 16, "fourier_features": 0},
@@ -280,11 +312,12 @@ register_config(
         "diffusion": dict(_DDGAN_DIFFUSION),
         "sample": {"n": 10000, "steps": 4},
     },
+    small_from_medium={"train.steps": 150, "sample.n": 500},
 )
 
 register_config(
     "ddgan_digits",
-    small={
+    medium={
         "architecture": "unet",
         "data": {"dataset": "digits", "size": 8, "split": "train"},
         "model": {"in_channels": 1, "base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1,
@@ -308,11 +341,12 @@ register_config(
         "diffusion": dict(_DDGAN_DIFFUSION),
         "sample": {"n": 297, "steps": 4},
     },
+    small_from_medium={"train.steps": 100, "sample.n": 64},
 )
 
 register_config(
     "ddpm4_toy",
-    small={
+    medium={
         "architecture": "mlp",
         "data": {"dataset": "25gaussians", "n": 20000},
         "model": {"dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32},
@@ -332,4 +366,5 @@ register_config(
                       "weighting": "eps"},
         "sample": {"n": 10000, "steps": 4},
     },
+    small_from_medium={"train.steps": 150, "sample.n": 500},
 )
