@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion import PREDICTIONS
+from .diffusion import PREDICTIONS, posterior_coefficients, prediction_from
 from .schedules import NoiseSchedule
 
 __all__ = ["GaussianMixtureDenoiser", "gaussian_flow_map", "mixture_log_prob", "moment_match"]
@@ -73,17 +73,14 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         return (r * x_k).sum(1).reshape(z.shape), (r * eps_k).sum(1).reshape(z.shape)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """The model contract ``model(z, t, **cond)`` (``contracts.Model``; cond is ignored): x*, eps* or
+        v* = alpha eps* - sigma x*, written with ``diffusion.prediction_from`` (Chapter 1 §4)."""
         x, eps = self.posterior_mean(z, t)
-        if self.prediction == "x":
-            out = x
-        elif self.prediction == "eps":
-            out = eps
-        else:
+        alpha = sigma = None
+        if self.prediction == "v":
             t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(len(z)).cpu()
-            shape = (-1,) + (1,) * (z.ndim - 1)
-            alpha, sigma = (a.to(x.device).reshape(shape) for a in self.schedule.alpha_sigma(t))
-            out = alpha * eps - sigma * x  # v = alpha eps - sigma x
-        return out.to(z.dtype)
+            alpha, sigma = (a.to(x.device) for a in self.schedule.alpha_sigma(t))
+        return prediction_from(x, eps, self.prediction, alpha=alpha, sigma=sigma).to(z.dtype)
 
     def reverse_step(self, z_t: torch.Tensor, t, s) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The exact denoising distribution q(z_s | z_t) for 0 <= s < t, a Gaussian mixture.
@@ -92,7 +89,8 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         tau^2 = s^2 sigma_t^2 / v_t (Gaussian conditioning); the posterior of the forward process is
         q(z_s | z_t, x) = N(a z_t + b x, var I) with a = e^{lambda_t - lambda_s} alpha_s / alpha_t,
         b = (1 - e^{lambda_t - lambda_s}) alpha_s, var = (1 - e^{lambda_t - lambda_s}) sigma_s^2
-        (``diffusion.posterior``). Integrating x out of q(z_s | z_t, x) q(x | z_t):
+        (``diffusion.posterior_coefficients``; Chapter 4 §1). Integrating x out of
+        q(z_s | z_t, x) q(x | z_t):
 
             q(z_s | z_t) = sum_k r_k(z_t) N(a z_t + b m_k, (var + b^2 tau^2) I),
 
@@ -109,10 +107,8 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         if not bool((s < t).all()) or not bool((s >= 0).all()):
             raise ValueError("reverse_step needs 0 <= s < t (z_s is the less noisy point).")
         alpha_t, sigma_t = (v.to(flat.device)[:, None] for v in self.schedule.alpha_sigma(t))
-        alpha_s, sigma_s = (v.to(flat.device)[:, None] for v in self.schedule.alpha_sigma(s))
-        dlam = (self.schedule.logsnr(t) - self.schedule.logsnr(s)).to(flat.device)[:, None]
-        ratio, one_minus = dlam.exp(), -torch.expm1(dlam)       # e^{lambda_t - lambda_s}, 1 - e^{...}
-        a, b, var = ratio * alpha_s / alpha_t, one_minus * alpha_s, one_minus * sigma_s**2      # (B, 1)
+        coefs = posterior_coefficients(self.schedule, t=t, s=s)  # q(z_s | z_t, x) = N(a z_t + b x, var I)
+        a, b, var = (c.to(flat.device)[:, None] for c in coefs)                                # (B, 1)
         v = alpha_t**2 * self.std**2 + sigma_t**2                                               # (B, 1)
         diff = flat[:, None, :] - alpha_t[:, :, None] * self.centers[None]                     # (B, K, D)
         r = torch.softmax(self.log_weights[None] - (diff**2).sum(-1) / (2 * v), dim=1)        # (B, K)

@@ -35,12 +35,12 @@ from .diffusion import (
     PREDICTIONS,
     WEIGHTINGS,
     NonFiniteLossError,
+    denoise,
     expand_like,
     loss_weight,
-    predict_eps,
-    predict_x,
     q_sample,
 )
+from .samplers import DDIMStep
 from .schedules import NoiseSchedule
 from .train import train
 
@@ -144,35 +144,23 @@ def _alpha_sigma(schedule: NoiseSchedule, t, z: torch.Tensor) -> tuple[torch.Ten
     return alpha.to(device), sigma.to(device)
 
 
-def _net_times(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Times as the network sees them: (B,) in z's dtype and device, as samplers.sample passes them."""
-    t = torch.as_tensor(t, dtype=F64)
-    if t.ndim == 0:
-        t = t.expand(z.shape[0])
-    return t.to(device=z.device, dtype=z.dtype)
-
-
-def ddim_step(model, schedule: NoiseSchedule, z_t: torch.Tensor, t, s, prediction: str = "v",
+def ddim_step(model, schedule: NoiseSchedule, z_t: torch.Tensor, *, t, s, prediction: str = "v",
               cond: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One deterministic DDIM step of `model` from z_t at time t to time s (Salimans & Ho 2022, eq. (10)):
+    """One deterministic DDIM step of `model` from z_t at time t to time s (Salimans & Ho 2022, eq. (10);
+    Chapter 5 §3):
 
         z_s = alpha_s x-hat(z_t) + sigma_s (z_t - alpha_t x-hat(z_t)) / sigma_t
             = alpha_s x-hat + sigma_s eps-hat.
 
-    The same step as ``samplers.DDIMStep(0.0)``, but t and s may differ per example (shape (B,)), as they
-    do inside a distillation batch. Returns (z_s, x-hat). Runs under torch.no_grad() (a teacher's step).
+    One model call (``diffusion.denoise``) and the library's one DDIM step, ``samplers.DDIMStep(0.0)``,
+    with t and s per example (shape (B,)), as they are inside a distillation batch, or scalars. t and s
+    are keyword-only. Returns (z_s, x-hat). Runs under torch.no_grad() (a teacher's step).
     """
     _check_prediction(prediction, "teacher")
+    t, s = torch.as_tensor(t, dtype=F64), torch.as_tensor(s, dtype=F64)
     with torch.no_grad():
-        out = model(z_t, _net_times(t, z_t), **(cond or {}))
-        if out.shape != z_t.shape:
-            raise ValueError(f"the model must return a tensor shaped like its input {tuple(z_t.shape)}; "
-                             f"got {tuple(out.shape)}.")
-        alpha_t, sigma_t = _alpha_sigma(schedule, t, z_t)
-        alpha_s, sigma_s = _alpha_sigma(schedule, s, z_t)
-        x_hat = predict_x(out, prediction, z_t, alpha_t, sigma_t)
-        eps_hat = predict_eps(out, prediction, z_t, alpha_t, sigma_t)
-        z_s = expand_like(alpha_s, z_t) * x_hat + expand_like(sigma_s, z_t) * eps_hat
+        x_hat, eps_hat = denoise(model, schedule, z_t, t, prediction=prediction, cond=cond)
+        z_s = DDIMStep(0.0)(z_t, t, s, x_hat, eps_hat, schedule)
     return z_s, x_hat
 
 
@@ -184,8 +172,8 @@ def teacher_two_steps(teacher, schedule: NoiseSchedule, z_t: torch.Tensor, t, N:
     """
     t = torch.as_tensor(t, dtype=F64)
     t_mid, t_end = teacher_times(t, N)
-    z_mid, _ = ddim_step(teacher, schedule, z_t, t, t_mid, prediction, cond)
-    z_end, _ = ddim_step(teacher, schedule, z_mid, t_mid, t_end, prediction, cond)
+    z_mid, _ = ddim_step(teacher, schedule, z_t, t=t, s=t_mid, prediction=prediction, cond=cond)
+    z_end, _ = ddim_step(teacher, schedule, z_mid, t=t_mid, s=t_end, prediction=prediction, cond=cond)
     return z_mid, z_end
 
 
@@ -224,11 +212,12 @@ def distillation_loss(student, teacher, schedule: NoiseSchedule, x: torch.Tensor
                       prediction: str = "v", weighting: str = "snr+1", teacher_prediction: str | None = None,
                       generator: torch.Generator | None = None, cond: dict | None = None,
                       reduction: str = "mean") -> torch.Tensor:
-    """Algorithm 1, lines 4-15, for one batch x: mean_b( w(lambda_t) * mean_pixels((x-hat - x-tilde)^2) ).
+    """Algorithm 1, lines 4-15, for one batch x: mean_b( w(lambda_t) * mean_pixels((x-hat - x-tilde)^2) )
+    (Salimans & Ho 2022; Chapter 5 §3).
 
     t = i/N on the student's grid (``sample_student_times``), z_t = q_sample(x, t), the teacher's two DDIM
     steps give z_t'' and x-tilde (``distillation_target``, no gradient); the student's output, read as a
-    `prediction` ("v", "x" or "eps"), becomes x-hat with ``diffusion.predict_x``; w is
+    `prediction` ("v", "x" or "eps"), becomes x-hat with ``diffusion.denoise``; w is
     ``diffusion.loss_weight(weighting, lambda_t)``: "truncated_snr" (max(SNR, 1)), "snr+1" (v-MSE),
     "eps"/"snr" (SNR, L_simple), "x" (1). teacher_prediction defaults to `prediction`.
     Random draws, in this order: i (hence t), then the noise, both from `generator`.
@@ -242,18 +231,19 @@ def distillation_loss(student, teacher, schedule: NoiseSchedule, x: torch.Tensor
     if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'none'.")
     cond = cond or {}
+    # 1. t = i/N, i ~ Cat(1..N), and z_t = alpha_t x + sigma_t eps (lines 5-7)
     t = sample_student_times(N, x.shape[0], generator, device=x.device if x.device.type != "mps" else "cpu")
     z_t, _ = q_sample(schedule, x, t, generator=generator)
-    t_mid, t_end = teacher_times(t, N)
+    # 2. the teacher's two DDIM steps t -> t' -> t'' (lines 8-12), without gradients
+    _, t_end = teacher_times(t, N)
     _, z_end = teacher_two_steps(teacher, schedule, z_t, t, N, teacher_prediction, cond)
+    # 3. the target x-tilde: the x-hat whose one DDIM step from z_t lands on z_t'' (line 13)
     alpha_t, sigma_t = _alpha_sigma(schedule, t, z_t)
     alpha_end, sigma_end = _alpha_sigma(schedule, t_end, z_t)
     x_tilde = distillation_target(z_t, z_end, alpha_t, sigma_t, alpha_end, sigma_end)
-    out = student(z_t, _net_times(t, z_t), **cond)
-    if out.shape != x.shape:
-        raise ValueError(f"the student must return a tensor shaped like its input {tuple(x.shape)}; "
-                         f"got {tuple(out.shape)}.")
-    x_hat = predict_x(out, prediction, z_t, alpha_t, sigma_t)
+    # 4. the student's x-hat (line 14), read from its `prediction`
+    x_hat, _ = denoise(student, schedule, z_t, t, prediction=prediction, cond=cond)
+    # 5. L = w(lambda_t) ||x-hat - x-tilde||^2, a mean over pixels (line 15)
     per_example = (x_hat - x_tilde).pow(2).reshape(len(x), -1).mean(dim=1)
     loss = loss_weight(weighting, schedule.logsnr(t)).to(device=x.device, dtype=x.dtype) * per_example
     if reduction == "mean":

@@ -1,36 +1,46 @@
-"""One sampling loop and the step rules that plug into it.
+"""One sampling loop and the step rules that plug into it (Chapter 1 §6, Chapter 2 §4, Chapter 3 §3-§6).
 
 The loop (:func:`sample`) walks down a decreasing list of times t_0 > t_1 > ... > t_N. At each
-pair (t, s) it calls the network once at z_t, turns the output into (x-hat, eps-hat), and hands
-them to a *step rule* that returns z_s:
+pair (t, s) it calls the model once at z_t, turns the output into (x-hat, eps-hat)
+(``diffusion.denoise``), and hands them to a *step rule* that returns z_s:
 
     step(z_t, t, s, x_hat, eps_hat, schedule, generator) -> z_s          (t, s floats, s < t)
 
-A step rule is any callable with that signature. Two optional attributes extend it without
-changing the loop:
+The two contracts, the model's and the step rule's with its optional parts (``needs_denoise``
+and ``denoise=``, ``init_state()`` and ``state=``, ``invertible``), are written down as
+``typing.Protocol`` classes in ``minidiff.contracts``. NFE counts network evaluations: a model
+wrapper that calls the network twice per call declares ``nfe_per_call = 2``. A run's state
+(a multistep solver's history) lives in the run, not on the step object. Each run asks a
+memoized copy of the schedule (``schedule.memoized()``), so every time of the grid is evaluated
+once, with bit-for-bit the same numbers.
 
-* ``needs_denoise = True``: the loop also passes ``denoise=`` a function
-  ``(z, t) -> (x_hat, eps_hat)`` that calls the network and counts each call in the NFE
-  (for solvers with several evaluations per step, e.g. Heun).
-* ``reset()``: called once before the loop (for multistep solvers that keep a history).
-
-Step rules here: :class:`DDPMStep` (ancestral), :class:`DDIMStep` (Song et al. 2021, eq. (12)),
-:class:`AncestralGammaStep` (Salimans & Ho 2022, eqs. (4)-(5)) and solvers of the
-probability-flow ODE (eqs. (6)-(9)): :class:`EulerStep`, :class:`HeunStep` (Karras et al. 2022)
-and :class:`DPMSolverPP2MStep` (Lu et al. 2022b). With ``sample(..., increasing=True)`` an
+Step rules here: :class:`DDPMStep` (ancestral), :class:`DDIMStep` (Song et al. 2021, eq. (12);
+per-example times too), :class:`AncestralGammaStep` (Salimans & Ho 2022, eqs. (4)-(5)) and solvers
+of the probability-flow ODE (eqs. (6)-(9)): :class:`EulerStep`, :class:`HeunStep` (Karras et al.
+2022) and :class:`DPMSolverPP2MStep` (Lu et al. 2022b). With ``sample(..., increasing=True)`` an
 ``invertible`` step rule (deterministic DDIM) walks from data to noise: :func:`ddim_invert`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import PREDICTIONS, expand_like, posterior, predict_eps, predict_x, randn_like, transition
+from .contracts import init_state, is_invertible, needs_denoise, network_evaluations
+from .diffusion import (
+    PREDICTIONS,
+    _before,
+    denoise,
+    expand_like,
+    posterior_coefficients,
+    randn_like,
+    transition,
+)
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -50,8 +60,35 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _time_tensor(t: float) -> torch.Tensor:
+    """The 0-d float64 tensor of t, made once per value (a memoized schedule answers it from memory)."""
+    return torch.full((), t, dtype=torch.float64)
+
+
 def _scalar(t) -> torch.Tensor:
-    return torch.tensor(float(t), dtype=torch.float64)
+    """A time as a 0-d float64 CPU tensor; one shared tensor per value (never modified in place)."""
+    return _time_tensor(float(t))
+
+
+def _time64(t) -> torch.Tensor:
+    """A step's time as float64: 0-d on the CPU for a number, else the tensor (per-example times, (B,))."""
+    return torch.as_tensor(t, dtype=torch.float64) if isinstance(t, torch.Tensor) else _scalar(t)
+
+
+def _at_data(s: torch.Tensor) -> bool:
+    """Whether every time in s is 0 (the step ends on the data)."""
+    return float(s) == 0 if s.ndim == 0 else bool((s == 0).all())
+
+
+def _noise(scale: torch.Tensor, s: torch.Tensor, z_t: torch.Tensor, generator) -> torch.Tensor | None:
+    """scale * noise, with no noise where s = 0 (Ho et al. 2020, Algorithm 2 line 3); None (and no draw
+    from the generator) when every s is 0. `scale` is already in z's dtype, shaped to broadcast."""
+    if _at_data(s):
+        return None
+    if s.ndim > 0 and bool((s == 0).any()):
+        scale = scale * expand_like(s != 0, z_t)
+    return scale * randn_like(z_t, generator)
 
 
 def ddpm_timesteps(T: int) -> torch.Tensor:
@@ -61,9 +98,29 @@ def ddpm_timesteps(T: int) -> torch.Tensor:
     return torch.arange(T, -1, -1, dtype=torch.float64) / T
 
 
+def _ancestral_step(gamma: float, z_t, t, s, x_hat, schedule, generator) -> torch.Tensor:
+    """The body of :class:`AncestralGammaStep` (and of :class:`DDPMStep`, its two ends)."""
+    t64, s64 = _time64(t), _time64(s)
+    # 1. the posterior q(z_s | z_t, x = x-hat): mean mu-tilde_{s|t}, variance sigma-tilde^2_{s|t} (eqs. 1-3)
+    coef_z, coef_x, var_post = posterior_coefficients(schedule, t=t64, s=s64)
+    mean = expand_like(coef_z, z_t) * z_t + expand_like(coef_x, z_t) * x_hat
+    if _at_data(s64):
+        return mean  # no noise at s = 0
+    # 2. the variance of eq. (5): (sigma-tilde^2_{s|t})^(1-gamma) (sigma^2_{t|s})^gamma; an end needs one term
+    if gamma == 0:
+        var = expand_like(var_post, z_t)
+    else:
+        var_fwd = expand_like(transition(schedule, s=s64, t=t64)[1], z_t)  # sigma^2_{t|s}, DDPM's beta_t
+        var = var_fwd if gamma == 1 else expand_like(var_post, z_t) ** (1 - gamma) * var_fwd**gamma
+    # 3. z_s = mu-tilde_{s|t} + sqrt(var) noise, eq. (4) (no noise where s = 0)
+    noise = _noise(var.sqrt(), s64, z_t, generator)
+    return mean if noise is None else mean + noise
+
+
 @dataclass(frozen=True)
 class DDPMStep:
-    """Ancestral step z_s ~ N(mu-tilde_{s|t}(z_t, x-hat), var I) (Ho et al. 2020, Algorithm 2 line 4).
+    """Ancestral step z_s ~ N(mu-tilde_{s|t}(z_t, x-hat), var I) (Ho et al. 2020, Algorithm 2 line 4;
+    Chapter 1 §6).
 
     mu-tilde is the posterior mean of q(z_s | z_t, x) with x = x-hat (Salimans & Ho 2022, eq. (2)),
     which on DDPM's grid equals eq. (11): 1/sqrt(alpha_t) (z_t - beta_t / sqrt(1 - abar_t) eps-hat).
@@ -79,21 +136,26 @@ class DDPMStep:
         if self.variance not in ("posterior", "beta"):
             raise ValueError(f"unknown DDPM variance {self.variance!r}; choose 'posterior' or 'beta'.")
 
+    @property
+    def gamma(self) -> float:
+        """The equivalent gamma of :class:`AncestralGammaStep`: 0 (posterior) or 1 (beta)."""
+        return 0.0 if self.variance == "posterior" else 1.0
+
     def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
-        gamma = 0.0 if self.variance == "posterior" else 1.0
-        return AncestralGammaStep(gamma)(z_t, t, s, x_hat, eps_hat, schedule, generator)
+        return _ancestral_step(self.gamma, z_t, t, s, x_hat, schedule, generator)
 
 
 def ddim_update(x_t: torch.Tensor, eps_hat: torch.Tensor, abar_t, abar_prev, eta: float = 0.0,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM in DDPM's alpha-bar notation (Song et al. 2021, eq. (12) with sigma from eq. (16)):
+    """DDIM in DDPM's alpha-bar notation (Song et al. 2021, eq. (12) with sigma from eq. (16); Chapter 2 §4):
 
         x_prev = sqrt(abar_prev) (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
                  + sqrt(1 - abar_prev - sigma^2) eps + sigma noise,
         sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
 
     abar_t, abar_prev: scalars (alpha-bar of the current and the next, less noisy, step).
-    A reference form; :class:`DDIMStep` computes the same in the alpha/sigma/lambda notation.
+    A reference form for the book's check against the paper; the sampler's step is :class:`DDIMStep`,
+    which computes the same in the alpha/sigma/lambda notation.
     """
     abar_t = torch.as_tensor(abar_t, dtype=torch.float64)
     abar_prev = torch.as_tensor(abar_prev, dtype=torch.float64)
@@ -108,7 +170,7 @@ def ddim_update(x_t: torch.Tensor, eps_hat: torch.Tensor, abar_t, abar_prev, eta
 
 @dataclass(frozen=True)
 class DDIMStep:
-    """DDIM step (Song et al. 2021, eq. (12); sigma from eq. (16)), in continuous form:
+    """DDIM step (Song et al. 2021, eq. (12); sigma from eq. (16); Chapter 2 §4), in continuous form:
 
         z_s = alpha_s x-hat + sqrt(sigma_s^2 - c^2) eps-hat + c noise,   c = eta sigma-tilde_{s|t},
 
@@ -118,6 +180,8 @@ class DDIMStep:
     step with posterior variance, on any grid. No noise at s = 0. With eta=0 the step also runs
     upwards (s > t, inversion; Song et al. 2021 Sec. 5.4). eta must be >= 0 and
     eta sigma-tilde_{s|t} <= sigma_s (always so for eta <= 1).
+    t and s may be floats or per-example (B,) tensors, as inside a distillation batch (Chapter 5 §3):
+    this is the library's one DDIM step.
     """
 
     eta: float = 0.0
@@ -132,31 +196,39 @@ class DDIMStep:
         return self.eta == 0
 
     def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
-        alpha_s, sigma_s = schedule.alpha_sigma(_scalar(s))
+        s64 = _time64(s)
+        # 1. alpha_s and sigma_s: eq. (12)'s sqrt(alpha_{t-1}) and sqrt(1 - alpha_{t-1})
+        alpha_s, sigma_s = schedule.alpha_sigma(s64)
         if self.eta == 0:
+            # 2. deterministic: "predicted x_0" times alpha_s plus the "direction pointing to x_t", eq. (12)
             return expand_like(alpha_s, z_t) * x_hat + expand_like(sigma_s, z_t) * eps_hat
-        if not float(s) < float(t):
+        t64 = _time64(t)
+        if not _before(s64, t64):
             raise ValueError(f"a stochastic DDIM step (eta={self.eta}) needs s < t; got s={s}, t={t}.")
-        dlam = schedule.logsnr(_scalar(t)) - schedule.logsnr(_scalar(s))
-        c2 = self.eta**2 * -torch.expm1(dlam) * sigma_s**2  # eta^2 sigma-tilde^2_{s|t}
-        rest = sigma_s**2 - c2
-        if rest < -1e-12:
+        # 3. c^2 = eta^2 sigma-tilde^2_{s|t} = eta^2 (1 - e^{lambda_t - lambda_s}) sigma_s^2, eq. (16)
+        dlam = schedule.logsnr(t64) - schedule.logsnr(s64)
+        var_s = sigma_s**2
+        c2 = self.eta**2 * -torch.expm1(dlam) * var_s
+        rest = var_s - c2
+        if float(rest.min()) < -1e-12:
             raise ValueError(f"eta={self.eta} is too large at (t={t}, s={s}): eta sigma-tilde_{{s|t}} "
                              "exceeds sigma_s; use eta <= 1.")
+        # 4. alpha_s x-hat plus the "direction pointing to x_t", sqrt(sigma_s^2 - c^2) eps-hat, eq. (12)
         out = expand_like(alpha_s, z_t) * x_hat + expand_like(rest.clamp(min=0).sqrt(), z_t) * eps_hat
-        if float(s) == 0:
-            return out
-        return out + expand_like(c2.sqrt(), z_t) * randn_like(z_t, generator)
+        # 5. the random noise c eps_t of eq. (12), none at s = 0
+        noise = _noise(expand_like(c2.sqrt(), z_t), s64, z_t, generator)
+        return out if noise is None else out + noise
 
 
 @dataclass(frozen=True)
 class AncestralGammaStep:
-    """Ancestral step with interpolated variance (Salimans & Ho 2022, eqs. (4)-(5)):
+    """Ancestral step with interpolated variance (Salimans & Ho 2022, eqs. (4)-(5); Chapter 3 §3):
 
         z_s = mu-tilde_{s|t}(z_t, x-hat) + sqrt((sigma-tilde^2_{s|t})^(1-gamma) (sigma^2_{t|s})^gamma) noise.
 
     gamma=0: posterior variance (DDPMStep("posterior")); gamma=1: sigma^2_{t|s} (DDPMStep("beta")).
-    gamma must lie in [0, 1]. No noise at s = 0.
+    gamma must lie in [0, 1]. No noise at s = 0. At gamma = 0 the forward variance sigma^2_{t|s} is not
+    computed (it would be raised to the power 0).
     """
 
     gamma: float
@@ -167,17 +239,12 @@ class AncestralGammaStep:
                              f"got {self.gamma}.")
 
     def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
-        mean, var_post = posterior(schedule, z_t, x_hat, t, s)
-        if float(s) == 0:
-            return mean
-        var_fwd = expand_like(transition(schedule, s, t)[1], z_t)
-        var = var_post ** (1 - self.gamma) * var_fwd**self.gamma
-        return mean + var.sqrt() * randn_like(z_t, generator)
+        return _ancestral_step(self.gamma, z_t, t, s, x_hat, schedule, generator)
 
 
-def probability_flow_velocity(schedule: NoiseSchedule, t, x_hat: torch.Tensor, eps_hat: torch.Tensor
-                              ) -> torch.Tensor:
-    """dz/dt of the probability-flow ODE (Salimans & Ho 2022, eqs. (6)-(9)) at time t.
+def probability_flow_velocity(schedule: NoiseSchedule, t, x_hat: torch.Tensor, eps_hat: torch.Tensor, *,
+                              side: str = "left") -> torch.Tensor:
+    """dz/dt of the probability-flow ODE (Salimans & Ho 2022, eqs. (6)-(9); Chapter 3 §4) at time t.
 
     With lambda' = d lambda/dt: f = d log alpha/dt = sigma^2 lambda' / 2 (eq. (8)),
     g^2 = d sigma^2/dt - 2 f sigma^2 = -sigma^2 lambda' (eq. (9)), score = -eps-hat / sigma
@@ -187,18 +254,18 @@ def probability_flow_velocity(schedule: NoiseSchedule, t, x_hat: torch.Tensor, e
         dz/dt = alpha'_t x-hat + sigma'_t eps-hat,
         alpha' = sigma^2 lambda' alpha / 2,  sigma' = -alpha^2 lambda' sigma / 2,
 
-    the form computed here (no cancellation where alpha -> 0 and lambda' -> -inf).
+    the form computed here (no cancellation where alpha -> 0 and lambda' -> -inf), with alpha' and
+    sigma' from ``schedule.alpha_sigma_dt``.
+    side: where lambda_t has a kink (every grid point i/T of a DiscreteSchedule) the one-sided
+    derivative from below t ("left") or from above ("right"); see ``DiscreteSchedule.dlogsnr_dt``.
     """
-    alpha, sigma = schedule.alpha_sigma(_scalar(t))
-    dlam = schedule.dlogsnr_dt(_scalar(t))
-    d_alpha = 0.5 * sigma**2 * dlam * alpha
-    d_sigma = -0.5 * alpha**2 * dlam * sigma
+    d_alpha, d_sigma = schedule.alpha_sigma_dt(_scalar(t), side=side)
     return expand_like(d_alpha, x_hat) * x_hat + expand_like(d_sigma, x_hat) * eps_hat
 
 
 @dataclass(frozen=True)
 class EulerStep:
-    """Explicit Euler in t on the probability-flow ODE (Salimans & Ho 2022, eq. (6)):
+    """Explicit Euler in t on the probability-flow ODE (Salimans & Ho 2022, eq. (6); Chapter 3 §6):
     z_s = z_t + (s - t) dz/dt(z_t, t) (see :func:`probability_flow_velocity`). Order 1, 1 NFE."""
 
     def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
@@ -207,31 +274,43 @@ class EulerStep:
 
 @dataclass(frozen=True)
 class HeunStep:
-    """Heun's 2nd-order method in t on the probability-flow ODE (Karras et al. 2022, Algorithm 1):
+    """Heun's 2nd-order method in t on the probability-flow ODE (Karras et al. 2022, Algorithm 1;
+    Chapter 3 §6):
 
         d_t = dz/dt(z_t, t),  z' = z_t + (s - t) d_t,  z_s = z_t + (s - t) (d_t + dz/dt(z', s)) / 2,
 
     the second slope from one extra network call at (z', s). Where s == 0 or sigma_s == 0 the
     ODE is singular and the step is the Euler step z' (as in Karras et al.). 2 NFE per step.
+    Both slopes are those of the ODE on the step's own interval [s, t]: on a DiscreteSchedule,
+    lambda_t has a kink at every grid point, and the slope at s is the one from above s (the
+    cell inside the step), not from the next cell below. Taking the cell below s, as a plain
+    evaluation at a grid point does, shifts the ODE's coefficients by half a cell and leaves a
+    global error of order 1/T that no number of steps removes (Heun stalled near 5e-3 at T = 1000).
     """
 
     needs_denoise = True
 
-    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None, denoise=None):
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None, *, denoise=None):
         h = float(s) - float(t)
-        d_t = probability_flow_velocity(schedule, t, x_hat, eps_hat)
+        # 1. the slope at t, on the step's side of t (Algorithm 1 line 4)
+        d_t = probability_flow_velocity(schedule, t, x_hat, eps_hat, side="left")
+        # 2. the Euler predictor z' (line 5)
         z_euler = z_t + h * d_t
+        # 3. at sigma_s = 0 the ODE is singular: keep the Euler step (line 6)
         if float(s) == 0 or float(schedule.sigma(_scalar(s))) == 0:
             return z_euler
         if denoise is None:
             raise ValueError("HeunStep needs the loop's denoise= function (use it through samplers.sample).")
+        # 4. the second slope at (z', s), again on the step's side of s (lines 7-8)
         x_2, eps_2 = denoise(z_euler, s)
-        return z_t + h * 0.5 * (d_t + probability_flow_velocity(schedule, s, x_2, eps_2))
+        d_s = probability_flow_velocity(schedule, s, x_2, eps_2, side="right")
+        # 5. the trapezoid: the mean of the two slopes (line 8)
+        return z_t + h * 0.5 * (d_t + d_s)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPMSolverPP2MStep:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), multistep in the half log-SNR
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2; Chapter 3 §6), multistep in the half log-SNR
     l_t = lambda_t / 2 = log(alpha_t / sigma_t). With h = l_s - l_t:
 
         z_s = (sigma_s / sigma_t) z_t - alpha_s (e^{-h} - 1) D,
@@ -240,27 +319,38 @@ class DPMSolverPP2MStep:
     where x-hat_prev is the previous step's x-hat at time t_prev. The first step (and any step
     whose t is not the previous step's s) uses D = x-hat_t, i.e. DDIM (eq. (10)/(11) of
     Salimans & Ho 2022). A step to sigma_s = 0 (s = 0 on a discrete schedule) is first order
-    too: z_s = alpha_s x-hat_t. 1 NFE per step; reset() clears the history.
+    too: z_s = alpha_s x-hat_t. 1 NFE per step.
+
+    The history (x-hat_prev, l_prev, t_prev) lives in the run's ``state`` (``init_state()``; the loop
+    makes one per run), not on this object: one DPMSolverPP2MStep can serve interleaved runs. Called
+    without a state, every step is first order.
     """
 
-    _prev: tuple | None = field(default=None, init=False, repr=False)
+    def init_state(self) -> dict:
+        """A fresh run: no previous step."""
+        return {"prev": None}
 
-    def reset(self) -> None:
-        self._prev = None
-
-    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None, *, state=None):
+        # 1. alpha and sigma at both times, l_t = lambda_t / 2
         alpha_t, sigma_t = schedule.alpha_sigma(_scalar(t))
         alpha_s, sigma_s = schedule.alpha_sigma(_scalar(s))
         l_t = 0.5 * schedule.logsnr(_scalar(t))
-        prev, self._prev = self._prev, (x_hat, l_t, float(s))
+        # 2. the previous step of this run, and this step remembered for the next (Algorithm 2, "buffer")
+        prev = None if state is None else state.get("prev")
+        if state is not None:
+            state["prev"] = (x_hat, l_t, float(s))
+        # 3. to sigma_s = 0 the step is z_s = alpha_s x-hat (first order)
         if float(sigma_s) == 0:
             return expand_like(alpha_s, z_t) * x_hat
+        # 4. h_i = l_s - l_t
         h = 0.5 * schedule.logsnr(_scalar(s)) - l_t
+        # 5. D_i: x-hat_t on a first step, else the 2M combination with r_i = h_{i-1} / h_i
         d = x_hat
         if prev is not None and prev[2] == float(t):
             x_prev, l_prev, _ = prev
             r = (l_t - l_prev) / h
             d = expand_like(1 + 0.5 / r, z_t) * x_hat - expand_like(0.5 / r, z_t) * x_prev
+        # 6. z_s = (sigma_s / sigma_t) z_t - alpha_s (e^{-h_i} - 1) D_i
         return expand_like(sigma_s / sigma_t, z_t) * z_t - expand_like(alpha_s * torch.expm1(-h), z_t) * d
 
 
@@ -310,52 +400,51 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
            prediction: str = "eps", generator: torch.Generator | None = None, cond: dict | None = None,
            progress: bool = True, return_trajectory: bool = False, clip_x: float | None = None,
            device: torch.device | str | None = None, increasing: bool = False) -> SampleResult:
-    """Run the reverse process from z at timesteps[0] down to timesteps[-1] with one step rule.
+    """Run the reverse process from z at timesteps[0] down to timesteps[-1] with one step rule
+    (Ho et al. 2020, Algorithm 2, with the step rule in place of line 4; Chapter 1 §6).
 
-    model(z, t, **cond) -> output of type `prediction` ("eps", "x" or "v"), t a float tensor (B,).
+    model(z, t, **cond) -> output of type `prediction` ("eps", "x" or "v"), t a float tensor (B,)
+    (``contracts.Model``); step: a ``contracts.StepRule``, with its optional parts.
     z starts as N(0, I) of `shape` (on `device`, default the model's) or as the given `z`.
     Noise comes from `generator` (drawn on its device, see diffusion.randn_like).
     clip_x clips x-hat to [-clip_x, clip_x] (eps-hat is then recomputed from the clipped x-hat).
-    Runs under torch.no_grad(). NFE counts every network call, including a step rule's extra ones.
+    Runs under torch.no_grad() (a model may still switch gradients on inside, e.g. for classifier
+    guidance). NFE counts network evaluations: every model call, including a step rule's extra ones,
+    costs the model's ``nfe_per_call`` (``contracts.network_evaluations``; default 1).
     increasing=True runs the other way, from data to noise (timesteps strictly increasing), for an
     ``invertible`` step rule such as DDIMStep(eta=0); see :func:`ddim_invert`.
     """
     ts = _check_timesteps(timesteps, increasing)
-    if increasing and not getattr(step, "invertible", False):
+    if increasing and not is_invertible(step):
         raise ValueError("increasing=True (data -> noise) needs an invertible, deterministic step rule "
                          "such as DDIMStep(eta=0).")
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
+    cost = network_evaluations(model)
     cond = cond or {}
+    # this run's schedule: each time of the grid is evaluated once (bit for bit the same numbers)
+    grid = schedule.memoized() if hasattr(schedule, "memoized") else schedule
     nfe = 0
 
-    def denoise(z_t: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One network call at (z_t, t) -> (x_hat, eps_hat)."""
+    def counted_denoise(z_t: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model call at (z_t, t) -> (x_hat, eps_hat), counted in network evaluations."""
         nonlocal nfe
-        out = model(z_t, torch.full((z_t.shape[0],), float(t), dtype=z_t.dtype, device=z_t.device), **cond)
-        nfe += 1
-        if out.shape != z_t.shape:
-            raise ValueError(f"the model must return a tensor shaped like z {tuple(z_t.shape)}; "
-                             f"got {tuple(out.shape)}.")
-        alpha, sigma = schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
-        x_hat = predict_x(out, prediction, z_t, alpha, sigma)
-        if clip_x is None:
-            return x_hat, predict_eps(out, prediction, z_t, alpha, sigma)
-        x_hat = x_hat.clamp(-clip_x, clip_x)
-        return x_hat, predict_eps(x_hat, "x", z_t, alpha, sigma)
+        nfe += cost
+        return denoise(model, grid, z_t, _scalar(t), prediction=prediction, cond=cond, clip_x=clip_x)
 
-    extra = {"denoise": denoise} if getattr(step, "needs_denoise", False) else {}
+    extra = {"denoise": counted_denoise} if needs_denoise(step) else {}
     start = time.perf_counter()
-    if hasattr(step, "reset"):
-        step.reset()
+    state = init_state(step)  # this run's state (a multistep history), reset for every run
+    if state is not None:
+        extra["state"] = state
     with torch.no_grad():
         z = _initial_z(model, shape, z, generator, device)
         trajectory = [z.detach().cpu()] if return_trajectory else None
         x_hats = [] if return_trajectory else None
         pairs = list(zip(ts[:-1], ts[1:], strict=True))  # (t, s): from t down to s (up if increasing)
         for t, s in tqdm(pairs, desc="sampling", disable=not progress, leave=False):
-            x_hat, eps_hat = denoise(z, t)
-            z = step(z, t, s, x_hat, eps_hat, schedule, generator, **extra)
+            x_hat, eps_hat = counted_denoise(z, t)
+            z = step(z, t, s, x_hat, eps_hat, grid, generator, **extra)
             if return_trajectory:
                 trajectory.append(z.detach().cpu())
                 x_hats.append(x_hat.detach().cpu())

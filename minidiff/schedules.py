@@ -14,10 +14,14 @@ Two kinds of schedule share one interface (:class:`NoiseSchedule`):
   numbers (alpha(0) is then just below 1 and sigma(1) just below 1).
 
 All schedule arithmetic is done in float64; results come back in the dtype of `t`.
+``schedule.memoized()`` is a copy that answers repeated questions at the same scalar time from
+memory; the sampling loop uses one per run (Chapter 1 §6).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
@@ -52,16 +56,53 @@ def _check_time(t) -> tuple[torch.Tensor, torch.dtype, torch.device]:
     if isinstance(t, torch.Tensor):
         dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
         device = t.device
-        t64 = (t.cpu() if device.type == "mps" else t).to(torch.float64)  # MPS has no float64
+        t64 = t.cpu() if device.type == "mps" else t  # MPS has no float64
+        t64 = t64 if t64.dtype == torch.float64 else t64.to(torch.float64)
     else:
         dtype, device = torch.get_default_dtype(), torch.device("cpu")
         t64 = torch.as_tensor(t, dtype=torch.float64)
-    if t64.numel() > 0 and not bool(((t64 >= 0) & (t64 <= 1)).all()):
+    inside = 0 <= float(t64) <= 1 if t64.ndim == 0 else bool(((t64 >= 0) & (t64 <= 1)).all())  # False for NaN
+    if t64.numel() > 0 and not inside:
         raise ValueError(
             f"time t must lie in [0, 1] (t=0 is data, t=1 is noise); got values in "
             f"[{t64.min().item():.4g}, {t64.max().item():.4g}]. For DDPM step i of T pass t = i / T."
         )
     return t64, dtype, device
+
+
+def _answer(x64: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A float64 result in the dtype and on the device to answer in."""
+    return x64 if x64.dtype == dtype and x64.device == device else x64.to(dtype=dtype, device=device)
+
+
+SIDES = ("left", "right")
+
+
+def _check_side(side: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"unknown side {side!r}; choose 'left' (the piece below t, towards data) or 'right' "
+                         "(the piece above t, towards noise).")
+
+
+def _remembered(method):
+    """Let a memoized schedule (:meth:`NoiseSchedule.memoized`) answer `method` at a scalar CPU time from
+    memory: the first answer is stored and returned again, the very same tensors, bit for bit."""
+
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, t, **kwargs):
+        memo = self._memo
+        if memo is None or not (isinstance(t, torch.Tensor) and t.ndim == 0 and t.is_cpu
+                                and not t.requires_grad):
+            return method(self, t, **kwargs)
+        key = (name, float(t), t.dtype, *kwargs.values())
+        answer = memo.get(key)
+        if answer is None:
+            answer = memo[key] = method(self, t, **kwargs)
+        return answer
+
+    return wrapper
 
 
 class NoiseSchedule:
@@ -71,6 +112,20 @@ class NoiseSchedule:
     ``_alpha_sigma64(t)``; everything else follows from alpha^2 = sigmoid(lambda).
     """
 
+    _memo: dict | None = None  # a dict on the copies that memoized() makes
+
+    def memoized(self) -> NoiseSchedule:
+        """A copy of this schedule (same class and tensors) that computes ``alpha_sigma``, ``logsnr`` and
+        ``dlogsnr_dt`` once per scalar time (a 0-d CPU tensor) and then answers from memory.
+
+        The answers are the tensors the schedule itself returns, so results stay bit for bit the same;
+        do not modify them in place. ``samplers.sample`` makes one per run: a DDPM step asked the
+        schedule 9 times per step, each answer now costs one evaluation per time of the grid.
+        """
+        clone = copy.copy(self)
+        clone._memo = {}
+        return clone
+
     def _logsnr64(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -78,16 +133,18 @@ class NoiseSchedule:
         lam = self._logsnr64(t)
         return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
 
+    @_remembered
     def logsnr(self, t) -> torch.Tensor:
         """lambda_t = log(alpha_t^2 / sigma_t^2), decreasing in t."""
         t64, dtype, device = _check_time(t)
-        return self._logsnr64(t64).to(dtype=dtype, device=device)
+        return _answer(self._logsnr64(t64), dtype, device)
 
+    @_remembered
     def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) with alpha_t^2 + sigma_t^2 = 1."""
         t64, dtype, device = _check_time(t)
         alpha, sigma = self._alpha_sigma64(t64)
-        return alpha.to(dtype=dtype, device=device), sigma.to(dtype=dtype, device=device)
+        return _answer(alpha, dtype, device), _answer(sigma, dtype, device)
 
     def alpha(self, t) -> torch.Tensor:
         """Signal scale alpha_t (DDPM: sqrt(alpha-bar_t))."""
@@ -101,17 +158,31 @@ class NoiseSchedule:
         """Signal-to-noise ratio alpha_t^2 / sigma_t^2 = exp(lambda_t)."""
         return self.logsnr(t).exp()
 
-    def dlogsnr_dt(self, t) -> torch.Tensor:
+    @_remembered
+    def dlogsnr_dt(self, t, *, side: str = "left") -> torch.Tensor:
         """d lambda_t / dt (<= 0), by float64 autograd through the formula for lambda_t.
 
         It is 0 where the logsnr clip is active. The probability-flow ODE solvers need it
-        (samplers.probability_flow_velocity).
+        (samplers.probability_flow_velocity; Salimans & Ho 2022, eqs. (8)-(9); Chapter 3 §4).
+        `side` picks the one-sided derivative where lambda_t has a kink ('left': from below t,
+        'right': from above); a formula's lambda_t is smooth, so here both sides agree.
         """
+        _check_side(side)
         t64, dtype, device = _check_time(t)
         with torch.enable_grad():
             tt = t64.detach().clone().requires_grad_(True)
             (grad,) = torch.autograd.grad(self._logsnr64(tt).sum(), tt)
-        return grad.to(dtype=dtype, device=device)
+        return _answer(grad, dtype, device)
+
+
+    @_remembered
+    def alpha_sigma_dt(self, t, *, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """(d alpha_t/dt, d sigma_t/dt) = (sigma^2 lambda' alpha / 2, -alpha^2 lambda' sigma / 2), from
+        alpha^2 = sigmoid(lambda): the coefficients of the probability-flow ODE dz/dt = alpha' x + sigma' eps
+        (Salimans & Ho 2022, eqs. (6)-(9); Chapter 3 §4). `side` as in :meth:`dlogsnr_dt`."""
+        alpha, sigma = self.alpha_sigma(t)
+        dlam = self.dlogsnr_dt(t, side=side)
+        return 0.5 * sigma**2 * dlam * alpha, -0.5 * alpha**2 * dlam * sigma
 
 
 class DiscreteSchedule(NoiseSchedule):
@@ -136,6 +207,7 @@ class DiscreteSchedule(NoiseSchedule):
         # log alpha-bar on the grid t = 0, 1/T, ..., 1 (value 0 at t = 0).
         self._log_alpha_bar_grid = torch.cat([torch.zeros(1, dtype=torch.float64),
                                               torch.cumsum(torch.log1p(-betas), dim=0)])
+        self._on_grid = self._grid_table()  # the values at t = i/T, looked up by the sampler's times
 
     def __repr__(self) -> str:
         return f"DiscreteSchedule(T={self.T}, beta_1={self.betas[0]:.4g}, beta_T={self.betas[-1]:.4g})"
@@ -155,6 +227,36 @@ class DiscreteSchedule(NoiseSchedule):
         i = i.long().to(device)
         return int(i) if i.ndim == 0 else i
 
+    def _grid_step(self, t: torch.Tensor) -> int | None:
+        """The step i of a scalar CPU time on the grid (t = i/T up to _GRID_TOL steps), else None.
+
+        A fast path for the times a sampler visits: there the linear interpolation of log alpha-bar
+        returns the grid value itself (lerp with weight 0, or 1 at i = T), so the values in
+        ``_on_grid`` are the ones the formulas give, bit for bit.
+        """
+        if t.ndim != 0 or t.device.type != "cpu":
+            return None
+        u = float(t) * self.T
+        i = round(u)  # half to even, as torch.round
+        return i if abs(u - i) < _GRID_TOL else None
+
+    def _grid_table(self) -> dict[str, torch.Tensor]:
+        """alpha, sigma, lambda and the one-sided lambda' ("left", "right") at the T+1 grid points,
+        computed once for the schedule. Every entry is the same elementwise float64 formula as for a
+        single time, so looking a value up gives what computing it gives, bit for bit (a test checks)."""
+        lab = self._log_alpha_bar_grid
+        one_minus_abar = -torch.expm1(lab)
+        slope = (lab[1:] - lab[:-1]) * self.T  # L' on the cells 1..T
+        table = {"alpha": (0.5 * lab).exp(), "sigma": one_minus_abar.sqrt(),
+                 "logsnr": lab - torch.log(one_minus_abar),
+                 "left": torch.cat([slope[:1], slope]) / one_minus_abar,    # the cell below (cell 1 at t = 0)
+                 "right": torch.cat([slope, slope[-1:]]) / one_minus_abar}  # the cell above (cell T at t = 1)
+        alpha, sigma = table["alpha"], table["sigma"]
+        for side in SIDES:  # alpha' and sigma', as NoiseSchedule.alpha_sigma_dt computes them
+            dlam = table[side]
+            table["dt_" + side] = (0.5 * sigma**2 * dlam * alpha, -0.5 * alpha**2 * dlam * sigma)
+        return table
+
     def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         grid = self._log_alpha_bar_grid.to(t.device)
         u = t * self.T
@@ -164,24 +266,51 @@ class DiscreteSchedule(NoiseSchedule):
         return torch.lerp(grid[lo], grid[lo + 1], u - lo)  # exact at both ends
 
     def _logsnr64(self, t):
+        i = self._grid_step(t)
+        if i is not None:
+            return self._on_grid["logsnr"][i].clone()
         log_alpha_bar = self._log_alpha_bar(t)
         return log_alpha_bar - torch.log(-torch.expm1(log_alpha_bar))  # log(abar / (1 - abar))
 
-    def dlogsnr_dt(self, t) -> torch.Tensor:
-        """d lambda / dt = L' / (1 - abar) with L = log abar linear on each cell; on a grid point
-        i/T the slope of the cell to its left, ((i-1)/T, i/T], is used (samplers step down in t).
-        It is -inf at t = 0."""
+    @_remembered
+    def dlogsnr_dt(self, t, *, side: str = "left") -> torch.Tensor:
+        """d lambda / dt = L' / (1 - abar) with L = log abar linear on each cell (Chapter 3 §4).
+
+        lambda_t has a kink at every grid point i/T, where the derivative has two values: side="left"
+        takes the slope of the cell below, ((i-1)/T, i/T], side="right" that of the cell above,
+        (i/T, (i+1)/T] (at t = 0 and t = 1 the one cell there). Between grid points both agree. A step
+        from t down to s lies in the cells between them: it needs "left" at t and "right" at s
+        (samplers.HeunStep). It is -inf at t = 0."""
+        _check_side(side)
         t64, dtype, device = _check_time(t)
+        step = self._grid_step(t64)
+        if step is not None:  # a grid point: the cell below it or the one above
+            return _answer(self._on_grid[side][step].clone(), dtype, device)
         grid = self._log_alpha_bar_grid
         u = t64.cpu() * self.T
         nearest = u.round()
         u = torch.where((u - nearest).abs() < _GRID_TOL, nearest, u)
-        i = u.ceil().clamp(1, self.T).long()
+        i = (u.ceil() if side == "left" else u.floor() + 1).clamp(1, self.T).long()
         slope = (grid[i] - grid[i - 1]) * self.T
         out = slope / -torch.expm1(self._log_alpha_bar(t64.cpu()))
-        return out.to(dtype=dtype, device=device)
+        return _answer(out, dtype, device)
+
+    @_remembered
+    def alpha_sigma_dt(self, t, *, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """(d alpha/dt, d sigma/dt) as in :meth:`NoiseSchedule.alpha_sigma_dt`, one-sided at grid points
+        (looked up there)."""
+        _check_side(side)
+        t64, dtype, device = _check_time(t)
+        step = self._grid_step(t64)
+        if step is None:
+            return NoiseSchedule.alpha_sigma_dt(self, t, side=side)
+        d_alpha, d_sigma = self._on_grid["dt_" + side]
+        return _answer(d_alpha[step].clone(), dtype, device), _answer(d_sigma[step].clone(), dtype, device)
 
     def _alpha_sigma64(self, t):
+        i = self._grid_step(t)
+        if i is not None:
+            return self._on_grid["alpha"][i].clone(), self._on_grid["sigma"][i].clone()
         log_alpha_bar = self._log_alpha_bar(t)
         return (0.5 * log_alpha_bar).exp(), (-torch.expm1(log_alpha_bar)).sqrt()
 

@@ -97,7 +97,7 @@ def test_reverse_step_against_bayes_on_a_grid():
     for t, s, z in ((0.5, 0.25, 0.3), (0.25, 0.0, -0.4), (1.0, 0.75, 1.5)):
         w, means, var = den.reverse_step(torch.tensor([[z]], dtype=F64), t, s)
         a_s, sg_s = schedule.alpha_sigma(torch.tensor(s, dtype=F64))
-        a_ts, var_ts = transition(schedule, s, t)
+        a_ts, var_ts = transition(schedule, s=s, t=t)
         v_s = a_s**2 * std**2 + sg_s**2
         sq = (grid[:, None] - a_s * centers[:, 0]) ** 2
         log_prior = torch.logsumexp(weights.log() - sq / (2 * v_s), dim=1)
@@ -146,7 +146,7 @@ def test_reverse_step_mean_is_ddpms_step_and_moment_match():
     w, means, var = den.reverse_step(z, 0.3, 0.2)
     mu, cov = moment_match(w, means, var)
     x_star, _ = den.posterior_mean(z, torch.tensor(0.3))
-    torch.testing.assert_close(mu, posterior(schedule, z, x_star, 0.3, 0.2)[0])  # mu-tilde(z_t, x*)
+    torch.testing.assert_close(mu, posterior(schedule, z, x_star, t=0.3, s=0.2)[0])  # mu-tilde(z_t, x*)
     dev = means - mu[:, None]
     spread = (w[:, :, None, None] * dev[..., None] * dev[..., None, :]).sum(1)
     expected = var[:, None, None] * torch.eye(2, dtype=F64) + spread

@@ -106,15 +106,16 @@ def test_ddim_step_matches_the_library_step_rule():
     z = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
     for prediction in ("v", "x", "eps"):
         for t, s in ((0.75, 0.5), (0.25, 0.0), (1.0, 0.875)):
-            mine, _ = distillation.ddim_step(teacher, schedule, z, t, s, prediction)
+            mine, _ = distillation.ddim_step(teacher, schedule, z, t=t, s=s, prediction=prediction)
             lib = sample(teacher, schedule, [t, s], DDIMStep(0.0), z=z, prediction=prediction,
                          progress=False).x
             assert torch.allclose(mine, lib, rtol=0, atol=1e-12)
     # per-example times: each row as if it were alone
     t = torch.tensor([0.5, 1.0, 0.25, 0.125], dtype=F64)
-    mine, _ = distillation.ddim_step(teacher, schedule, z[:4], t, t - 0.125, "v")
+    mine, _ = distillation.ddim_step(teacher, schedule, z[:4], t=t, s=t - 0.125, prediction="v")
     for k in range(4):
-        row, _ = distillation.ddim_step(teacher, schedule, z[k:k + 1], t[k].item(), t[k].item() - 0.125, "v")
+        row, _ = distillation.ddim_step(teacher, schedule, z[k:k + 1], t=t[k].item(), s=t[k].item() - 0.125,
+                                        prediction="v")
         assert torch.allclose(mine[k:k + 1], row, rtol=0, atol=1e-12)
 
 

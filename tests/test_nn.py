@@ -153,6 +153,32 @@ def test_unet_null_token():
     assert not torch.allclose(model(x, t, labels=torch.tensor([0, 1, 2])), null)
 
 
+def test_null_conditioning_drops_every_conditioning_of_the_networks():
+    """diffusion.null_conditioning builds what the networks read as 'absent': the null label token and
+    NaN rows (Chapter 6). Dropping every conditioning leaves the embedding of time and the null token
+    only; `where` drops it for some examples only."""
+    from minidiff.diffusion import null_conditioning
+
+    model = randomize(tiny_unet(num_classes=3, latent_dim=3, position_embedding=True,
+                                guidance_embedding=True))
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(4, 1, 8, 8, generator=g), torch.rand(4, generator=g)
+    cond = dict(labels=torch.tensor([0, 1, 2, 1]), latent=torch.randn(4, 3, generator=g),
+                position=torch.rand(4, 2, generator=g) * 2 - 1, w=torch.rand(4, generator=g))
+    null = model(x, t, **null_conditioning(cond))
+    emb = model.embedding.time(t) + model.embedding.labels(None, 4)  # time and the null token only
+    torch.testing.assert_close(model.embedding(t, **null_conditioning(cond)), emb)
+    where = torch.tensor([True, False, False, True])
+    some = model(x, t, **null_conditioning(cond, where=where))
+    full = model(x, t, **cond)
+    torch.testing.assert_close(some[where], null[where], rtol=0, atol=1e-6)
+    torch.testing.assert_close(some[~where], full[~where], rtol=0, atol=1e-6)
+    assert not torch.allclose(null, full)
+    mlp = randomize(MLPDenoiser(num_classes=3, hidden=16, depth=1, emb_dim=16))
+    z = torch.randn(4, 2, generator=g)
+    assert torch.equal(mlp(z, t, **null_conditioning({"labels": cond["labels"]})), mlp(z, t))
+
+
 def test_unet_conditioning_changes_output():
     model = randomize(tiny_unet(latent_dim=3, position_embedding=True, guidance_embedding=True))
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)

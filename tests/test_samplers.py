@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from minidiff.contracts import network_evaluations
 from minidiff.diffusion import predict_eps, predict_x
 from minidiff.samplers import DDPMStep, SampleResult, ddpm_timesteps, sample
 from minidiff.schedules import get_schedule
@@ -91,22 +92,42 @@ def test_exact_denoiser_for_gaussian_data_gives_the_data_distribution(variance, 
 
 
 class TwoCallStep:
-    """A toy step rule that evaluates the network once more per step (like Heun), via `denoise`."""
+    """A toy step rule that evaluates the network once more per step (like Heun), via `denoise`, and keeps
+    a per-run state (like a multistep solver): the number of steps taken in this run."""
 
     needs_denoise = True
 
     def __init__(self):
-        self.resets = 0
+        self.states = []
 
-    def reset(self):
-        self.resets += 1
+    def init_state(self):
+        state = {"steps": 0}
+        self.states.append(state)
+        return state
 
-    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator, denoise):
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator, *, denoise, state):
+        state["steps"] += 1
         x_mid, _ = denoise(z_t, (t + s) / 2)
         return DDPMStep()(z_t, t, s, 0.5 * (x_hat + x_mid), None, schedule, generator)
 
 
-def test_nfe_counts_every_network_call_and_reset_is_called():
+class TwoCallWrapper:
+    """A model wrapper that calls its network twice per call, as classifier-free guidance does
+    ((1 + w) pred_c - w pred_u with w = 0 here): one call costs 2 network evaluations, or twice what
+    the wrapped model's call costs when it is itself a wrapper."""
+
+    def __init__(self, net):
+        self.net = net
+
+    @property
+    def nfe_per_call(self):
+        return 2 * network_evaluations(self.net)
+
+    def __call__(self, z, t, **cond):
+        return 0.5 * (self.net(z, t, **cond) + self.net(z, t, **cond))
+
+
+def test_nfe_counts_every_network_call_and_each_run_gets_a_fresh_state():
     schedule = get_schedule("cosine", T=20)
     model = GaussianDenoiser(schedule, torch.zeros(2), 1.0)
     result = sample(model, schedule, ddpm_timesteps(20), DDPMStep(), shape=(4, 2), progress=False)
@@ -115,7 +136,76 @@ def test_nfe_counts_every_network_call_and_reset_is_called():
     step = TwoCallStep()
     timesteps = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.0])
     result = sample(model, schedule, timesteps, step, shape=(4, 2), progress=False)
-    assert result.nfe == 8 == model.calls and step.resets == 1
+    assert result.nfe == 8 == model.calls
+    sample(model, schedule, timesteps[1:], step, shape=(4, 2), progress=False)
+    assert [state["steps"] for state in step.states] == [4, 3]  # one state per run
+
+
+def test_nfe_counts_network_evaluations_of_a_two_call_wrapper():
+    """A wrapper that calls the network twice costs 2 per call: NFE counts network evaluations."""
+    schedule = get_schedule("cosine", T=20)
+    net = GaussianDenoiser(schedule, torch.zeros(2), 1.0)
+    wrapped = TwoCallWrapper(net)
+    assert network_evaluations(net) == 1 and network_evaluations(wrapped) == 2
+    result = sample(wrapped, schedule, ddpm_timesteps(20), DDPMStep(), shape=(4, 2), progress=False)
+    assert result.nfe == 40 == net.calls
+    plain = sample(net, schedule, ddpm_timesteps(20), DDPMStep(), shape=(4, 2), progress=False,
+                   generator=torch.Generator().manual_seed(0))
+    again = sample(wrapped, schedule, ddpm_timesteps(20), DDPMStep(), shape=(4, 2), progress=False,
+                   generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again.x, plain.x)  # the same model, counted twice
+    net.calls = 0  # with a step rule that calls the model again inside the step: 2 calls x 2 per step
+    result = sample(wrapped, schedule, torch.tensor([1.0, 0.6, 0.3, 0.1, 0.0]), TwoCallStep(), shape=(4, 2),
+                    progress=False)
+    assert result.nfe == 16 == net.calls
+    net.calls = 0  # a wrapper of a wrapper: 4 network evaluations per call
+    result = sample(TwoCallWrapper(wrapped), schedule, ddpm_timesteps(5), DDPMStep(), shape=(4, 2),
+                    progress=False)
+    assert result.nfe == 20 == net.calls
+
+
+def test_the_contracts_are_protocols():
+    from minidiff import contracts
+    from minidiff.nn import MLPDenoiser
+    from minidiff.samplers import AncestralGammaStep, DDIMStep, DPMSolverPP2MStep, EulerStep, HeunStep
+
+    for step in (DDPMStep(), DDIMStep(0.5), AncestralGammaStep(0.3), EulerStep(), HeunStep(),
+                 DPMSolverPP2MStep(), TwoCallStep()):
+        assert isinstance(step, contracts.StepRule)
+    assert isinstance(HeunStep(), contracts.DenoisingStepRule) and contracts.needs_denoise(HeunStep())
+    assert not contracts.needs_denoise(DDIMStep())
+    assert isinstance(DPMSolverPP2MStep(), contracts.StatefulStepRule)
+    assert not isinstance(DDIMStep(), contracts.StatefulStepRule) and contracts.init_state(DDIMStep()) is None
+    assert contracts.init_state(DPMSolverPP2MStep()) == {"prev": None}
+    assert isinstance(DDIMStep(), contracts.InvertibleStepRule)
+    assert contracts.is_invertible(DDIMStep(0.0)) and not contracts.is_invertible(DDIMStep(1.0))
+    assert not contracts.is_invertible(DDPMStep())
+    assert isinstance(MLPDenoiser(), contracts.Model)
+    assert not isinstance(MLPDenoiser(), contracts.CountedModel)
+    assert isinstance(TwoCallWrapper(MLPDenoiser()), contracts.CountedModel)
+
+
+def test_bad_costs_and_states_raise_value_errors():
+    schedule = get_schedule("linear", T=10)
+    net = GaussianDenoiser(schedule, torch.zeros(2), 1.0)
+
+    class Declared:
+        def __init__(self, cost):
+            self.nfe_per_call = cost
+
+        def __call__(self, z, t, **cond):
+            return net(z, t, **cond)
+
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="nfe_per_call must be an integer >= 1"):
+            sample(Declared(bad), schedule, ddpm_timesteps(10), DDPMStep(), shape=(2, 2), progress=False)
+
+    class ListState(TwoCallStep):
+        def init_state(self):
+            return []
+
+    with pytest.raises(ValueError, match="must return a dict"):
+        sample(net, schedule, ddpm_timesteps(10), ListState(), shape=(2, 2), progress=False)
 
 
 def test_determinism_with_a_seeded_generator():
@@ -168,7 +258,7 @@ def test_bad_inputs_raise_useful_errors():
         sample(model, schedule, ddpm_timesteps(10), DDPMStep(), z=torch.zeros(2, 2), **ok)
     with pytest.raises(ValueError, match="unknown prediction 'score'"):
         sample(model, schedule, ddpm_timesteps(10), DDPMStep(), prediction="score", **ok)
-    with pytest.raises(ValueError, match="shaped like z"):
+    with pytest.raises(ValueError, match="shaped like its input z"):
         sample(lambda z, t: z[:, :1], schedule, ddpm_timesteps(10), DDPMStep(), **ok)
     with pytest.raises(ValueError, match="unknown DDPM variance"):
         DDPMStep("learned")

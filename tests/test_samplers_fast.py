@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minidiff.diffusion import predict_eps, predict_x
+from minidiff.diffusion import posterior, predict_eps, predict_x, transition
 from minidiff.samplers import (
     AncestralGammaStep,
     DDIMStep,
@@ -168,12 +168,27 @@ def test_ancestral_gamma_interpolates_log_variance():
     x_hat = torch.zeros(20_000, 1, dtype=F64)
     z = torch.zeros_like(x_hat)
     t, s = 0.5, 0.3
-    from minidiff.diffusion import posterior, transition
-
-    var_post = posterior(schedule, z, x_hat, t, s)[1].flatten()[0]
-    var_fwd = transition(schedule, s, t)[1]
+    var_post = posterior(schedule, z, x_hat, t=t, s=s)[1].flatten()[0]
+    var_fwd = transition(schedule, s=s, t=t)[1]
     out = AncestralGammaStep(0.5)(z, t, s, x_hat, None, schedule, torch.Generator().manual_seed(0))
     assert out.var().item() == pytest.approx((var_post * var_fwd).sqrt().item(), rel=0.05)
+
+
+def test_ancestral_step_takes_per_example_times():
+    """AncestralGammaStep with t, s of shape (B,): each row's mean and variance are its own posterior's
+    (eqs. (1)-(5)), one noise draw for the batch, none for the rows that end at s = 0."""
+    schedule = get_schedule("linear", T=1000)
+    z, x_hat = randn(5, 2, seed=0), randn(5, 2, seed=1)
+    t = torch.tensor([1.0, 0.5, 0.3, 0.01, 0.2], dtype=F64)
+    s = torch.tensor([0.9, 0.0, 0.1, 0.0, 0.19], dtype=F64)
+    gamma = 0.3
+    got = AncestralGammaStep(gamma)(z, t, s, x_hat, None, schedule, torch.Generator().manual_seed(2))
+    mean, var_post = posterior(schedule, z, x_hat, t=t, s=s)
+    var_fwd = transition(schedule, s=s, t=t)[1][:, None]
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    expected = mean + (var_post ** (1 - gamma) * var_fwd**gamma).sqrt() * (s != 0).to(F64)[:, None] * noise
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[[1, 3]], x_hat[[1, 3]])  # at s = 0 on a discrete schedule: x-hat, no noise
 
 
 # ----------------------------------------------------------------------------- exact denoiser
@@ -194,12 +209,11 @@ def test_stochastic_samplers_give_the_data_distribution(step):
 
 
 @pytest.mark.parametrize("step,nfe,tol", [(DDIMStep(), 1000, 1e-2), (EulerStep(), 1000, 1e-2),
-                                          (HeunStep(), 1999, 1e-2), (DPMSolverPP2MStep(), 1000, 1e-3)],
+                                          (HeunStep(), 1999, 3e-5), (DPMSolverPP2MStep(), 1000, 1e-3)],
                          ids=["ddim", "euler", "heun", "dpm++2m"])
 def test_ode_samplers_give_the_exact_ode_solution(step, nfe, tol):
-    """All 1000 steps of DDPM's linear schedule, z_1 -> x. Measured max errors: DDIM 4.6e-3, Euler 4.2e-3,
-    Heun 5.4e-3, DPM-Solver++(2M) 1.6e-4. Euler and Heun in t stall near 5e-3: on the last cell
-    sigma_t ~ sqrt(t), the ODE is singular at t = 0 and the last step is an Euler step."""
+    """All 1000 steps of DDPM's linear schedule, z_1 -> x. Measured max errors: DDIM 4.6e-3, Euler 4.2e-3
+    (both first order), Heun 1.0e-5, DPM-Solver++(2M) 1.6e-4."""
     schedule = get_schedule("linear", T=1000)
     z1 = randn(256, 2, seed=0)
     result = sample(ExactDenoiser(schedule, "x"), schedule, respace(1000, 1000, "trailing"), step, z=z1,
@@ -208,6 +222,27 @@ def test_ode_samplers_give_the_exact_ode_solution(step, nfe, tol):
     assert result.seconds > 0
     exact = ode_solution(schedule, z1, 1.0, 0.0)
     assert (result.x - exact).abs().max().item() < tol
+
+
+def test_heun_is_second_order_on_a_discrete_schedule():
+    """DDPM's 1000-step linear schedule, trailing grids, the exact denoiser: Heun's global error falls by
+    about 4 whenever the steps double. log alpha-bar is linear on each cell of the grid, so lambda_t has
+    a kink at every grid point; the second slope must be the one from above s (inside the step).
+    Taken from the cell below s, the error stalled near 5e-3 (2.6e-3 at 100 steps, 5.4e-3 at 1000).
+    Measured: 4.2e-2, 1.1e-2, 2.6e-3, 6.1e-4, 6.6e-5, 8.8e-6 at 25, 50, ..., 800 steps; 1.0e-5 at 1000."""
+    schedule = get_schedule("linear", T=1000)
+    z1 = randn(256, 2, seed=0)
+    exact = ode_solution(schedule, z1, 1.0, 0.0)
+    steps = [25, 50, 100, 200, 400, 800]
+    errors = []
+    for n in steps:
+        x = sample(ExactDenoiser(schedule, "x"), schedule, respace(1000, n, "trailing"), HeunStep(), z=z1,
+                   prediction="x", progress=False).x
+        errors.append((x - exact).abs().max().item())
+    ratios = [a / b for a, b in zip(errors, errors[1:], strict=False)]
+    assert all(3.5 < r < 5.0 for r in ratios[:3]), (ratios, errors)  # 25 -> 200: second order
+    assert all(r > 3.5 for r in ratios), (ratios, errors)            # and at least that beyond
+    assert errors[-1] < 2e-5, errors
 
 
 def test_probability_flow_velocity_is_eq_6():
@@ -264,7 +299,7 @@ def test_global_error_falls_with_the_order_of_the_solver(make_step, low, high):
     assert low < slope < high, (slope, errors)
 
 
-def test_dpm_solver_first_step_is_ddim_and_reset_clears_history():
+def test_dpm_solver_first_step_is_ddim_and_every_run_starts_fresh():
     schedule = get_schedule("cosine", T=1000)
     model = ExactDenoiser(schedule, "eps")
     z = randn(16, 2, seed=3)
@@ -275,9 +310,84 @@ def test_dpm_solver_first_step_is_ddim_and_reset_clears_history():
     step = DPMSolverPP2MStep()
     ts = respace(1000, 6, "trailing")
     first = sample(model, schedule, ts, step, z=z, progress=False).x
-    second = sample(model, schedule, ts, step, z=z, progress=False).x  # reset() before the run
+    second = sample(model, schedule, ts, step, z=z, progress=False).x  # a new run, a new state
     assert torch.equal(first, second)
     assert not torch.allclose(first, sample(model, schedule, ts, DDIMStep(), z=z, progress=False).x)
+    # called by hand without a state, every step is first order (DDIM)
+    x_hat = randn(16, 2, seed=4)
+    alpha, sigma = schedule.alpha_sigma(torch.tensor(0.7, dtype=F64))
+    eps_hat = predict_eps(x_hat, "x", z, alpha, sigma)
+    for _ in range(2):
+        torch.testing.assert_close(step(z, 0.7, 0.4, x_hat, eps_hat, schedule),
+                                   DDIMStep()(z, 0.7, 0.4, x_hat, eps_hat, schedule), rtol=1e-12, atol=1e-12)
+
+
+class RunsInside:
+    """A model whose every call also runs a whole inner sampling run, with the step object of the outer
+    run: two runs interleaved through the one loop. Returns the inner model's output unchanged."""
+
+    def __init__(self, model, schedule, step, timesteps, z):
+        self.model, self.schedule, self.step, self.timesteps, self.z = model, schedule, step, timesteps, z
+        self.inner = []
+
+    def __call__(self, z, t, **cond):
+        run = sample(self.model, self.schedule, self.timesteps, self.step, z=self.z, progress=False)
+        self.inner.append(run.x)
+        return self.model(z, t)
+
+
+def test_interleaved_runs_with_one_dpm_solver_equal_separate_runs():
+    """The history lives in each run's state, not on the DPMSolverPP2MStep: two runs interleaved step by
+    step (by hand, and through the loop itself) give bit for bit what two separate runs give."""
+    schedule = get_schedule("linear", T=1000)
+    model = ExactDenoiser(schedule, "eps")
+    step = DPMSolverPP2MStep()
+    ts_a, ts_b = respace(1000, 8, "trailing"), respace(1000, 12, "leading")
+    z_a, z_b = randn(16, 2, seed=1), randn(16, 2, seed=2)
+    alone_a = sample(model, schedule, ts_a, step, z=z_a, progress=False).x
+    alone_b = sample(model, schedule, ts_b, step, z=z_b, progress=False).x
+    # by hand: one step of a, one step of b, ... each run with its own state
+    runs = [[ts_a.tolist(), z_a, step.init_state()], [ts_b.tolist(), z_b, step.init_state()]]
+    for k in range(max(len(ts_a), len(ts_b)) - 1):
+        for run in runs:
+            ts, z, state = run
+            if k + 1 < len(ts):
+                a, s_ = schedule.alpha_sigma(torch.tensor(ts[k], dtype=F64))
+                eps = model(z, torch.full((16,), ts[k], dtype=F64))
+                x_hat = predict_x(eps, "eps", z, a, s_)
+                run[1] = step(z, ts[k], ts[k + 1], x_hat, eps, schedule, state=state)
+    assert torch.equal(runs[0][1], alone_a) and torch.equal(runs[1][1], alone_b)
+    # through the loop: the outer run's model runs a whole inner run with the same step object at every call
+    nested = RunsInside(model, schedule, step, ts_b, z_b)
+    outer = sample(nested, schedule, ts_a, step, z=z_a, progress=False).x
+    assert torch.equal(outer, alone_a)
+    assert len(nested.inner) == 8 and all(torch.equal(x, alone_b) for x in nested.inner)
+
+
+def test_ddim_step_takes_per_example_times():
+    """DDIMStep with t, s of shape (B,) gives each row what the step with that row's scalar times gives,
+    and draws no noise for the rows that end at s = 0 (distillation's teacher steps; Chapter 5 §3)."""
+    schedule = get_schedule("linear", T=1000)
+    z, x_hat = randn(6, 3, seed=0), randn(6, 3, seed=1)
+    t = torch.tensor([1.0, 0.9, 0.5, 0.3, 0.1, 0.002], dtype=F64)
+    s = torch.tensor([0.8, 0.0, 0.25, 0.299, 0.0, 0.001], dtype=F64)
+    a_t, sg_t = schedule.alpha_sigma(t)
+    eps_hat = predict_eps(x_hat, "x", z, a_t[:, None], sg_t[:, None])
+    rows = torch.cat([DDIMStep()(z[k:k + 1], t[k].item(), s[k].item(), x_hat[k:k + 1], eps_hat[k:k + 1],
+                                 schedule) for k in range(6)])
+    torch.testing.assert_close(DDIMStep()(z, t, s, x_hat, eps_hat, schedule), rows, rtol=1e-12, atol=1e-12)
+    # eta > 0: the deterministic part per row, plus c noise with c = 0 where s = 0
+    eta = 0.7
+    got = DDIMStep(eta)(z, t, s, x_hat, eps_hat, schedule, torch.Generator().manual_seed(3))
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    a_s, sg_s = schedule.alpha_sigma(s)
+    c2 = eta**2 * -torch.expm1(schedule.logsnr(t) - schedule.logsnr(s)) * sg_s**2
+    expected = (a_s[:, None] * x_hat + (sg_s**2 - c2).sqrt()[:, None] * eps_hat
+                + torch.where(s == 0, 0.0, c2.sqrt())[:, None] * noise)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[[1, 4]], x_hat[[1, 4]])  # alpha_0 = 1, sigma_0 = 0: x-hat, no noise
+    with pytest.raises(ValueError, match="needs s < t"):
+        DDIMStep(0.5)(z, t, t, x_hat, eps_hat, schedule)
 
 
 # ----------------------------------------------------------------------------- inversion and slerp

@@ -148,3 +148,96 @@ def test_bad_inputs_raise_useful_errors():
         get_schedule("linear", T=0)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         DiscreteSchedule(torch.tensor([0.1, 1.0]))
+    with pytest.raises(ValueError, match="unknown side 'below'"):
+        get_schedule("linear").dlogsnr_dt(0.5, side="below")
+    with pytest.raises(ValueError, match="unknown side"):
+        CosineSchedule().dlogsnr_dt(0.5, side="up")
+
+
+def test_discrete_dlogsnr_dt_is_one_sided_at_grid_points():
+    """lambda_t has a kink at every grid point i/T: side="left" is the slope of the cell below,
+    side="right" that of the cell above; between grid points both are the cell's slope (Chapter 3 §4)."""
+    schedule = get_schedule("linear", T=10)
+    lab = schedule._log_alpha_bar_grid
+    for i in range(0, 11):
+        t = torch.tensor(i / 10, dtype=F64)
+        abar = lab[i].exp()
+        lo, hi = max(i, 1), min(i + 1, 10)  # the cells below and above i/10 (one cell at the ends)
+        below, above = (lab[lo] - lab[lo - 1]) * 10, (lab[hi] - lab[hi - 1]) * 10
+        left, right = schedule.dlogsnr_dt(t), schedule.dlogsnr_dt(t, side="right")
+        if i > 0:
+            torch.testing.assert_close(left, below / (1 - abar), rtol=1e-12, atol=0)
+            torch.testing.assert_close(right, above / (1 - abar), rtol=1e-12, atol=0)
+        assert (i in (0, 10)) == bool(left == right)  # two different slopes inside the grid
+    # inside a cell both sides agree, and agree with a central difference of logsnr
+    t = torch.tensor(0.43, dtype=F64)
+    h = 1e-6
+    fd = (schedule.logsnr(t + h) - schedule.logsnr(t - h)) / (2 * h)
+    assert schedule.dlogsnr_dt(t) == schedule.dlogsnr_dt(t, side="right")
+    torch.testing.assert_close(schedule.dlogsnr_dt(t), fd, rtol=1e-6, atol=0)
+    # a formula is smooth: the side changes nothing
+    assert CosineSchedule().dlogsnr_dt(0.3, side="right") == CosineSchedule().dlogsnr_dt(0.3)
+
+
+@pytest.mark.parametrize("schedule", ALL, ids=IDS)
+def test_memoized_schedule_answers_bit_for_bit_from_memory(schedule):
+    """schedule.memoized() (one per sampling run) gives the very tensors the schedule gives, computing
+    each scalar time once; other inputs go through unchanged."""
+    memo = schedule.memoized()
+    assert type(memo) is type(schedule) and memo._memo == {} and schedule._memo is None
+    for t in (0.0, 0.25, 1.0, 0.999):
+        t64 = torch.tensor(t, dtype=F64)
+        for method in ("alpha_sigma", "logsnr", "dlogsnr_dt"):
+            first, again = getattr(memo, method)(t64), getattr(memo, method)(torch.tensor(t, dtype=F64))
+            assert first is again  # from memory
+            direct = getattr(schedule, method)(t64)
+            for a, b in zip(first if isinstance(first, tuple) else [first],
+                            direct if isinstance(direct, tuple) else [direct], strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # NaN: linear_vp at 0
+        assert memo.dlogsnr_dt(t64, side="right") is memo.dlogsnr_dt(t64, side="right")
+        assert memo.alpha_sigma(t64.float())[0].dtype == torch.float32  # the dtype is part of the key
+    ts = grid(8)
+    assert torch.equal(memo.alpha(ts), schedule.alpha(ts)) and len(memo._memo) == 4 * 3 + 4 + 4
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        memo.logsnr(torch.tensor(1.5, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_grid_points_are_looked_up_bit_for_bit(name):
+    """At t = i/T a DiscreteSchedule looks alpha, sigma, lambda and lambda' up in a table computed once
+    (the sampler's fast path). The table must hold exactly what the interpolating formulas give there,
+    for every grid point, for float64 and float32 times alike."""
+    schedule = get_schedule(name, T=1000)
+    lab_grid = schedule._log_alpha_bar_grid
+    for dtype, every in ((F64, 1), (torch.float32, 7)):
+        for i in range(0, 1001, every):
+            t = torch.tensor(i / 1000, dtype=dtype)
+            lab = schedule._log_alpha_bar(t.to(F64))  # the interpolation, lerp with weight 0 (or 1)
+            assert torch.equal(lab, lab_grid[i])
+            alpha, sigma = schedule.alpha_sigma(t)
+            assert torch.equal(alpha, (0.5 * lab).exp().to(dtype))
+            assert torch.equal(sigma, (-torch.expm1(lab)).sqrt().to(dtype))
+            assert torch.equal(schedule.logsnr(t), (lab - torch.log(-torch.expm1(lab))).to(dtype))
+            a64, s64 = (0.5 * lab).exp(), (-torch.expm1(lab)).sqrt()
+            for side, cell in (("left", min(max(i, 1), 1000)), ("right", min(i + 1, 1000))):
+                slope = (lab_grid[cell] - lab_grid[cell - 1]) * 1000
+                dlam = slope / -torch.expm1(lab)
+                assert torch.equal(schedule.dlogsnr_dt(t, side=side), dlam.to(dtype))
+                d_alpha, d_sigma = schedule.alpha_sigma_dt(t, side=side)  # NaN at t = 0 (0 * inf) alike
+                exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+                torch.testing.assert_close(d_alpha, (0.5 * s64**2 * dlam * a64).to(dtype), **exact)
+                torch.testing.assert_close(d_sigma, (-0.5 * a64**2 * dlam * s64).to(dtype), **exact)
+
+
+@pytest.mark.parametrize("schedule", ALL, ids=IDS)
+def test_alpha_sigma_dt_are_the_derivatives_of_alpha_and_sigma(schedule):
+    """alpha_sigma_dt = (d alpha/dt, d sigma/dt) (eqs. (8)-(9)), by central differences inside a cell."""
+    for t in (0.2345, 0.6789):
+        h = 1e-7
+        up, down = (schedule.alpha_sigma(torch.tensor(t + d, dtype=F64)) for d in (h, -h))
+        d_alpha, d_sigma = schedule.alpha_sigma_dt(torch.tensor(t, dtype=F64))
+        torch.testing.assert_close(d_alpha, (up[0] - down[0]) / (2 * h), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(d_sigma, (up[1] - down[1]) / (2 * h), rtol=1e-5, atol=1e-9)
+        assert schedule.alpha_sigma_dt(t, side="right")[0] == schedule.alpha_sigma_dt(t)[0]  # no kink here
+    with pytest.raises(ValueError, match="unknown side"):
+        schedule.alpha_sigma_dt(0.5, side="middle")
