@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .schedules import _GRID_TOL, DiscreteSchedule, NoiseSchedule
+from .schedules import GRID_TOL, DiscreteSchedule, NoiseSchedule
 
 __all__ = [
     "NonFiniteLossError",
@@ -346,7 +346,7 @@ def _sample_times(schedule: NoiseSchedule, batch: int, x: torch.Tensor, generato
     t_min, t_max = t_range
     if isinstance(schedule, DiscreteSchedule):
         T = schedule.T
-        lo, hi = math.floor(t_min * T + _GRID_TOL) + 1, math.floor(t_max * T + _GRID_TOL)
+        lo, hi = math.floor(t_min * T + GRID_TOL) + 1, math.floor(t_max * T + GRID_TOL)
         if lo > hi:
             raise ValueError(f"t_range ({t_min}, {t_max}] holds no step i/T of this schedule (T={T}); widen "
                              f"it to include at least one multiple of 1/{T}.")

@@ -27,6 +27,7 @@ import math
 import torch
 
 __all__ = [
+    "GRID_TOL",
     "NoiseSchedule",
     "DiscreteSchedule",
     "ContinuousSchedule",
@@ -45,7 +46,7 @@ __all__ = [
 
 # A time within this many steps of a grid point i/T counts as on the grid. It absorbs the
 # rounding of float32 times such as 999/1000 (off by about 1e-5 steps).
-_GRID_TOL = 1e-3
+GRID_TOL = 1e-3
 
 
 def _check_time(t) -> tuple[torch.Tensor, torch.dtype, torch.device]:
@@ -221,14 +222,14 @@ class DiscreteSchedule(NoiseSchedule):
         t64, _, device = _check_time(t)
         u = t64 * self.T
         i = u.round()
-        if not bool(((u - i).abs() < _GRID_TOL).all()):
+        if not bool(((u - i).abs() < GRID_TOL).all()):
             raise ValueError(f"t is not on the grid i/T of this schedule (T={self.T}); "
                              f"use t = i / {self.T} for an integer i in 0..{self.T}.")
         i = i.long().to(device)
         return int(i) if i.ndim == 0 else i
 
     def _grid_step(self, t: torch.Tensor) -> int | None:
-        """The step i of a scalar CPU time on the grid (t = i/T up to _GRID_TOL steps), else None.
+        """The step i of a scalar CPU time on the grid (t = i/T up to GRID_TOL steps), else None.
 
         A fast path for the times a sampler visits: there the linear interpolation of log alpha-bar
         returns the grid value itself (lerp with weight 0, or 1 at i = T), so the values in
@@ -238,7 +239,7 @@ class DiscreteSchedule(NoiseSchedule):
             return None
         u = float(t) * self.T
         i = round(u)  # half to even, as torch.round
-        return i if abs(u - i) < _GRID_TOL else None
+        return i if abs(u - i) < GRID_TOL else None
 
     def _grid_table(self) -> dict[str, torch.Tensor]:
         """alpha, sigma, lambda and the one-sided lambda' ("left", "right") at the T+1 grid points,
@@ -261,7 +262,7 @@ class DiscreteSchedule(NoiseSchedule):
         grid = self._log_alpha_bar_grid.to(t.device)
         u = t * self.T
         nearest = u.round()
-        u = torch.where((u - nearest).abs() < _GRID_TOL, nearest, u)  # snap onto the grid
+        u = torch.where((u - nearest).abs() < GRID_TOL, nearest, u)  # snap onto the grid
         lo = u.floor().clamp(0, self.T - 1).long()
         return torch.lerp(grid[lo], grid[lo + 1], u - lo)  # exact at both ends
 
@@ -289,7 +290,7 @@ class DiscreteSchedule(NoiseSchedule):
         grid = self._log_alpha_bar_grid
         u = t64.cpu() * self.T
         nearest = u.round()
-        u = torch.where((u - nearest).abs() < _GRID_TOL, nearest, u)
+        u = torch.where((u - nearest).abs() < GRID_TOL, nearest, u)
         i = (u.ceil() if side == "left" else u.floor() + 1).clamp(1, self.T).long()
         slope = (grid[i] - grid[i - 1]) * self.T
         out = slope / -torch.expm1(self._log_alpha_bar(t64.cpu()))
