@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from .cache import cache_dir, load_or_build
-from .train import atomic_save_file
+from .train import LossStep, atomic_save_file
 from .train import train as train_loop
 
 __all__ = [
@@ -430,8 +430,6 @@ def _shifted_batches(images: torch.Tensor, labels: torch.Tensor):
 def _fit(images, labels, arch, steps, seed, batch_size, lr, progress) -> DigitClassifier:
     """Cross-entropy with Adam and a cosine learning-rate decay, through the one training loop
     (``train.train`` with ``optimizer=Adam``, no warm-up, no clipping, no EMA)."""
-    from .train import LossStep
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitClassifier(**arch)

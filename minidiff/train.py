@@ -145,9 +145,7 @@ class LossStep:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.lr, self.warmup, self.grad_clip, self.lr_factor = lr, warmup, grad_clip, lr_factor
-        make = optimizer or torch.optim.AdamW
-        opt = make(self.params, lr=lr, weight_decay=weight_decay) if optimizer is None else make(self.params,
-                                                                                                  lr=lr)
+        opt = (optimizer or torch.optim.AdamW)(self.params, lr=lr, weight_decay=weight_decay)
         self.optimizers = {"opt": opt}
         self.modules: dict[str, torch.nn.Module] = {}
         self.settings = dict(lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip,
