@@ -18,14 +18,16 @@ loop's own time (the run's total minus the time spent inside its network calls, 
 and the run's total over its network time. That in-run ratio compares the loop with the very network
 calls it made, so load that changes between runs does not enter it. Times are CPU seconds of this
 process (time.process_time; one torch thread), which a second process on the same cores disturbs less
-than wall-clock time. Also: how often the schedule's formulas are evaluated per step (the issue found
-9 for a DDPM step). Writes benchmarks/results/sampler_cpu.{md,json} (or --out).
+than wall-clock time. Also: how often the schedule's formulas are evaluated per step, in
+the first run on a schedule and in later runs (the issue found 9 for a DDPM step; the schedule's
+memoized copy now keeps its answers across runs). Writes benchmarks/results/sampler_cpu.{md,json} (or --out).
 Usage:  python benchmarks/bench_sampler.py [--steps 50] [--unet-steps 10] [--repeats 9] [--nets toy unet]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import platform
@@ -107,28 +109,18 @@ def cpu_seconds(loop, net) -> tuple[float, float]:
     return time.process_time() - start, timed.seconds
 
 
-def count_schedule_evaluations(net, schedule, ts, step, z) -> float:
-    """Schedule evaluations (alpha/sigma, log-SNR, lambda', alpha'/sigma') per step of one run."""
-    counts = {"n": 0}
-    originals = {}
-    for name in ("_alpha_sigma64", "_logsnr64", "dlogsnr_dt", "alpha_sigma_dt"):
-        fn = getattr(type(schedule), name, None)
-        if fn is None:  # an older minidiff
-            continue
-        originals[name] = fn
-
-        def counted(*args, _fn=fn, **kwargs):
-            counts["n"] += 1
-            return _fn(*args, **kwargs)
-
-        setattr(type(schedule), name, counted)
-    try:
+def count_schedule_evaluations(net, schedule, ts, step, z) -> tuple[float, float]:
+    """Schedule evaluations (alpha/sigma, log-SNR, lambda', alpha'/sigma' computed, not answered from
+    the memoized copy's memory) per step: (in the first run on a fresh schedule, in a second run)."""
+    schedule = copy.copy(schedule)  # a schedule that has not been memoized yet
+    memo = schedule.memoized()._memo
+    counts = []
+    for _ in range(2):
+        before = len(memo)
         samplers.sample(net, schedule, ts, step, z=z, progress=False,
                         generator=torch.Generator().manual_seed(0))
-    finally:
-        for name, fn in originals.items():
-            setattr(type(schedule), name, fn)
-    return counts["n"] / (len(ts) - 1)
+        counts.append((len(memo) - before) / (len(ts) - 1))
+    return counts[0], counts[1]
 
 
 def _median_ratio(a, b) -> float:
@@ -190,7 +182,8 @@ def bench(net, shape, steps: int, repeats: int, dfs) -> list[dict]:
         own = {k: 1e6 * statistics.median(a - b for a, b in zip(seconds[k], inside[k], strict=True)) / steps
                for k in loops}
         row = {"step rule": name, "steps": steps, "nfe": run.nfe,
-               "schedule evaluations per step": count_schedule_evaluations(net, schedule, ts, step, z),
+               "schedule evaluations per step (first run, later runs)":
+                   "{:.1f}, {:.1f}".format(*count_schedule_evaluations(net, schedule, ts, step, z)),
                **{f"{k} us/step": v for k, v in per_step.items()},
                "minidiff / bare": _median_ratio(seconds["minidiff"], seconds["bare"]),
                "minidiff own us/step": own["minidiff"],
@@ -200,7 +193,8 @@ def bench(net, shape, steps: int, repeats: int, dfs) -> list[dict]:
             row["diffusers / its network time"] = _median_ratio(seconds["diffusers"], inside["diffusers"])
             row["minidiff / diffusers"] = _median_ratio(seconds["minidiff"], seconds["diffusers"])
         rows.append(row)
-        print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "step rule"),
+        print(f"  {name}: " + ", ".join(f"{k} {v if isinstance(v, str) else format(v, '.3g')}"
+                                   for k, v in row.items() if k != "step rule"),
               flush=True)
     return rows
 
@@ -235,8 +229,8 @@ def main():
              f"{dfs_version or 'not installed'}; CPU time, median of {args.repeats} interleaved repeats")
     lines = [f"# sampler cost ({where})", ""]
     for label, rows in results.items():
-        cols = ["step rule", "nfe", "schedule evaluations per step", "bare us/step", "minidiff us/step",
-                "minidiff / bare", "minidiff own us/step", "minidiff / its network time"]
+        cols = ["step rule", "nfe", "schedule evaluations per step (first run, later runs)", "bare us/step",
+                "minidiff us/step", "minidiff / bare", "minidiff own us/step", "minidiff / its network time"]
         if dfs is not None:
             cols += ["diffusers us/step", "diffusers own us/step", "diffusers / its network time",
                      "minidiff / diffusers"]
@@ -244,7 +238,7 @@ def main():
                   "|" + "---|" * len(cols)]
         for r in rows:
             cells = [r["step rule"], str(r["nfe"])] + [
-                f"{r[c]:.2f}" if "/ " in c else f"{r[c]:.1f}" if "evaluations" in c else f"{r[c]:.0f}"
+                r[c] if isinstance(r[c], str) else f"{r[c]:.2f}" if "/ " in c else f"{r[c]:.0f}"
                 for c in cols[2:]]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

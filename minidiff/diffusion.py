@@ -23,6 +23,7 @@ from .schedules import GRID_TOL, DiscreteSchedule, NoiseSchedule
 __all__ = [
     "NonFiniteLossError",
     "expand_like",
+    "scale_for",
     "randn_like",
     "PREDICTIONS",
     "WEIGHTINGS",
@@ -39,6 +40,8 @@ __all__ = [
     "predict_v",
     "loss_weight",
     "null_conditioning",
+    "precedes",
+    "sample_training_times",
     "training_loss",
 ]
 
@@ -76,6 +79,18 @@ def expand_like(coef, z: torch.Tensor) -> torch.Tensor:
     return coef
 
 
+def scale_for(coef, z: torch.Tensor) -> torch.Tensor:
+    """A coefficient ready to multiply z: a 0-d tensor as it is, anything else through :func:`expand_like`.
+
+    A 0-d operand does not promote z's dtype: ``z * c`` casts c to z's dtype inside the product, bit for
+    bit the same as ``z * expand_like(c, z)`` (a test checks) without a cast tensor per call. The sampler's
+    hot path (:func:`convert_prediction`, ``samplers.probability_flow_velocity``) uses it.
+    """
+    if isinstance(coef, torch.Tensor) and coef.ndim == 0:
+        return coef
+    return expand_like(coef, z)
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard normal noise shaped like x (dtype and device of x).
 
@@ -86,7 +101,7 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
-def _before(s: torch.Tensor, t: torch.Tensor) -> bool:
+def precedes(s: torch.Tensor, t: torch.Tensor) -> bool:
     """Whether s < t everywhere (s the less noisy time); a plain comparison for two scalars."""
     return float(s) < float(t) if s.ndim == 0 and t.ndim == 0 else bool((s < t).all())
 
@@ -121,7 +136,7 @@ def transition(schedule: NoiseSchedule, *, s, t) -> tuple[torch.Tensor, torch.Te
     swapped. Returns float64 tensors shaped like the broadcast of s and t.
     """
     s, t = torch.as_tensor(s, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64)
-    if not _before(s, t):
+    if not precedes(s, t):
         raise ValueError("transition needs s < t (s is the less noisy time); got s >= t somewhere. "
                          "Call it as transition(schedule, s=..., t=...).")
     alpha_s, _ = schedule.alpha_sigma(s)
@@ -151,7 +166,7 @@ def posterior_coefficients(schedule: NoiseSchedule, *, t, s
     t and s are keyword-only. Step rules use it on scalar times; :func:`posterior` applies it.
     """
     t, s = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
-    if not _before(s, t):
+    if not precedes(s, t):
         raise ValueError("posterior needs s < t (z_s is less noisy than z_t); got s >= t somewhere. "
                          "Call it as posterior(schedule, z_t, x, t=..., s=...).")
     # 1. the schedule at both times
@@ -208,7 +223,7 @@ def convert_prediction(output: torch.Tensor, prediction: str, *, z_t: torch.Tens
     """
     _check_prediction(prediction)
     _check_same_shape(output, z_t, "prediction and z_t")
-    alpha, sigma = expand_like(alpha, z_t), expand_like(sigma, z_t)
+    alpha, sigma = scale_for(alpha, z_t), scale_for(sigma, z_t)
     if prediction == "x":
         x_hat = output
     elif prediction == "eps":
@@ -338,8 +353,9 @@ def _check_t_range(t_range) -> tuple[float, float]:
     return t_min, t_max
 
 
-def _sample_times(schedule: NoiseSchedule, batch: int, x: torch.Tensor, generator: torch.Generator | None,
-                  t_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+def sample_training_times(schedule: NoiseSchedule, batch: int, x: torch.Tensor,
+                          generator: torch.Generator | None, t_range: tuple[float, float] = (0.0, 1.0)
+                          ) -> torch.Tensor:
     """t ~ U{i/T : t_min < i/T <= t_max} on a discrete schedule, else t ~ U(t_min, t_max]; (0, 1] by
     default (Ho et al. 2020, Algorithm 1 line 3; Chapter 1 §5)."""
     device = x.device if generator is None else generator.device
@@ -448,8 +464,8 @@ def training_loss(model, schedule: NoiseSchedule, x: torch.Tensor, prediction: s
     if mask is not None:
         mask, mask_sum = _check_mask(mask, x)
     if t is None:
-        t = _sample_times(schedule, x.shape[0], x, generator, _check_t_range((0.0, 1.0) if t_range is None
-                                                                             else t_range))
+        t_range = _check_t_range((0.0, 1.0) if t_range is None else t_range)
+        t = sample_training_times(schedule, x.shape[0], x, generator, t_range)
     else:
         if t_range is not None:
             raise ValueError("give either t (fixed times) or t_range (a range to draw them from), not both.")

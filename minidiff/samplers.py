@@ -10,9 +10,9 @@ The two contracts, the model's and the step rule's with its optional parts (``ne
 and ``denoise=``, ``init_state()`` and ``state=``, ``invertible``), are written down as
 ``typing.Protocol`` classes in ``minidiff.contracts``. NFE counts network evaluations: a model
 wrapper that calls the network twice per call declares ``nfe_per_call = 2``. A run's state
-(a multistep solver's history) lives in the run, not on the step object. Each run asks a
-memoized copy of the schedule (``schedule.memoized()``), so every time of the grid is evaluated
-once, with bit-for-bit the same numbers.
+(a multistep solver's history) lives in the run, not on the step object. Each run asks the
+schedule's memoized copy (``schedule.memoized()``), so every time of a grid is evaluated once per
+schedule, with bit-for-bit the same numbers.
 
 Step rules here: :class:`DDPMStep` (ancestral), :class:`DDIMStep` (Song et al. 2021, eq. (12);
 per-example times too), :class:`AncestralGammaStep` (Salimans & Ho 2022, eqs. (4)-(5)) and solvers
@@ -34,11 +34,12 @@ from tqdm.auto import tqdm
 from .contracts import init_state, is_invertible, needs_denoise, network_evaluations
 from .diffusion import (
     PREDICTIONS,
-    _before,
     denoise,
     expand_like,
     posterior_coefficients,
+    precedes,
     randn_like,
+    scale_for,
     transition,
 )
 from .schedules import NoiseSchedule
@@ -203,7 +204,7 @@ class DDIMStep:
             # 2. deterministic: "predicted x_0" times alpha_s plus the "direction pointing to x_t", eq. (12)
             return expand_like(alpha_s, z_t) * x_hat + expand_like(sigma_s, z_t) * eps_hat
         t64 = _time64(t)
-        if not _before(s64, t64):
+        if not precedes(s64, t64):
             raise ValueError(f"a stochastic DDIM step (eta={self.eta}) needs s < t; got s={s}, t={t}.")
         # 3. c^2 = eta^2 sigma-tilde^2_{s|t} = eta^2 (1 - e^{lambda_t - lambda_s}) sigma_s^2, eq. (16)
         dlam = schedule.logsnr(t64) - schedule.logsnr(s64)
@@ -260,7 +261,7 @@ def probability_flow_velocity(schedule: NoiseSchedule, t, x_hat: torch.Tensor, e
     derivative from below t ("left") or from above ("right"); see ``DiscreteSchedule.dlogsnr_dt``.
     """
     d_alpha, d_sigma = schedule.alpha_sigma_dt(_scalar(t), side=side)
-    return expand_like(d_alpha, x_hat) * x_hat + expand_like(d_sigma, x_hat) * eps_hat
+    return (scale_for(d_alpha, x_hat) * x_hat).add_(scale_for(d_sigma, x_hat) * eps_hat)
 
 
 @dataclass(frozen=True)
@@ -304,8 +305,8 @@ class HeunStep:
         # 4. the second slope at (z', s), again on the step's side of s (lines 7-8)
         x_2, eps_2 = denoise(z_euler, s)
         d_s = probability_flow_velocity(schedule, s, x_2, eps_2, side="right")
-        # 5. the trapezoid: the mean of the two slopes (line 8)
-        return z_t + h * 0.5 * (d_t + d_s)
+        # 5. the trapezoid: the mean of the two slopes (line 8), z_t + h (d_t + d_s) / 2 (in place, same bits)
+        return z_t + d_t.add_(d_s).mul_(h * 0.5)
 
 
 @dataclass(frozen=True)
@@ -422,7 +423,7 @@ def sample(model: Callable, schedule: NoiseSchedule, timesteps: Sequence[float] 
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
     cost = network_evaluations(model)
     cond = cond or {}
-    # this run's schedule: each time of the grid is evaluated once (bit for bit the same numbers)
+    # the schedule's memoized copy: each time of the grid is evaluated once (bit for bit the same numbers)
     grid = schedule.memoized() if hasattr(schedule, "memoized") else schedule
     nfe = 0
 

@@ -15,7 +15,8 @@ Two kinds of schedule share one interface (:class:`NoiseSchedule`):
 
 All schedule arithmetic is done in float64; results come back in the dtype of `t`.
 ``schedule.memoized()`` is a copy that answers repeated questions at the same scalar time from
-memory; the sampling loop uses one per run (Chapter 1 §6).
+memory; the sampling loop asks it, so a grid is evaluated once per schedule, not once per step or
+per run (Chapter 1 §6).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import weakref
 
 import torch
 
@@ -85,6 +87,10 @@ def _check_side(side: str) -> None:
                          "(the piece above t, towards noise).")
 
 
+MEMO_LIMIT = 1 << 16  # answers a memoized schedule keeps before it starts afresh
+_MEMOIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # schedule -> its memoized copy
+
+
 def _remembered(method):
     """Let a memoized schedule (:meth:`NoiseSchedule.memoized`) answer `method` at a scalar CPU time from
     memory: the first answer is stored and returned again, the very same tensors, bit for bit."""
@@ -100,6 +106,8 @@ def _remembered(method):
         key = (name, float(t), t.dtype, *kwargs.values())
         answer = memo.get(key)
         if answer is None:
+            if len(memo) >= MEMO_LIMIT:  # many distinct times (continuous grids): start afresh
+                memo.clear()
             answer = memo[key] = method(self, t, **kwargs)
         return answer
 
@@ -116,15 +124,24 @@ class NoiseSchedule:
     _memo: dict | None = None  # a dict on the copies that memoized() makes
 
     def memoized(self) -> NoiseSchedule:
-        """A copy of this schedule (same class and tensors) that computes ``alpha_sigma``, ``logsnr`` and
-        ``dlogsnr_dt`` once per scalar time (a 0-d CPU tensor) and then answers from memory.
+        """A copy of this schedule (same class and tensors) that computes ``alpha_sigma``, ``logsnr``,
+        ``dlogsnr_dt`` and ``alpha_sigma_dt`` once per scalar time (a 0-d CPU tensor) and then answers
+        from memory.
 
         The answers are the tensors the schedule itself returns, so results stay bit for bit the same;
-        do not modify them in place. ``samplers.sample`` makes one per run: a DDPM step asked the
-        schedule 9 times per step, each answer now costs one evaluation per time of the grid.
+        do not modify them in place. The copy is made once per schedule and kept (for as long as the
+        schedule lives), so its memory serves every later run: ``samplers.sample`` asks it, and a grid
+        it has seen costs dictionary look-ups only. A DDPM step asked the schedule 9 times per step;
+        each answer now costs one evaluation per time, per schedule. At most ``MEMO_LIMIT`` answers
+        are kept. A memoized schedule is its own memoized copy.
         """
-        clone = copy.copy(self)
-        clone._memo = {}
+        if self._memo is not None:
+            return self
+        clone = _MEMOIZED.get(self)
+        if clone is None:
+            clone = copy.copy(self)
+            clone._memo = {}
+            _MEMOIZED[self] = clone
         return clone
 
     def _logsnr64(self, t: torch.Tensor) -> torch.Tensor:

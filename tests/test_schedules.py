@@ -1,5 +1,6 @@
 """Identities of the noise schedules (minidiff.schedules)."""
 
+import copy
 import math
 
 import pytest
@@ -181,10 +182,12 @@ def test_discrete_dlogsnr_dt_is_one_sided_at_grid_points():
 
 @pytest.mark.parametrize("schedule", ALL, ids=IDS)
 def test_memoized_schedule_answers_bit_for_bit_from_memory(schedule):
-    """schedule.memoized() (one per sampling run) gives the very tensors the schedule gives, computing
-    each scalar time once; other inputs go through unchanged."""
+    """schedule.memoized() (kept per schedule, asked by every sampling run) gives the very tensors the
+    schedule gives, computing each scalar time once; other inputs go through unchanged."""
+    schedule = copy.copy(schedule)  # a schedule no other test has memoized
     memo = schedule.memoized()
     assert type(memo) is type(schedule) and memo._memo == {} and schedule._memo is None
+    assert schedule.memoized() is memo and memo.memoized() is memo  # one copy per schedule, kept
     for t in (0.0, 0.25, 1.0, 0.999):
         t64 = torch.tensor(t, dtype=F64)
         for method in ("alpha_sigma", "logsnr", "dlogsnr_dt"):
@@ -200,6 +203,34 @@ def test_memoized_schedule_answers_bit_for_bit_from_memory(schedule):
     assert torch.equal(memo.alpha(ts), schedule.alpha(ts)) and len(memo._memo) == 4 * 3 + 4 + 4
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         memo.logsnr(torch.tensor(1.5, dtype=F64))
+
+
+def test_memoized_schedule_serves_later_runs_and_stays_bounded(monkeypatch):
+    """A second sampling run on the same schedule evaluates no formula (its grid is in memory) and gives
+    the same samples bit for bit; the memory starts afresh at MEMO_LIMIT answers."""
+    from minidiff import samplers
+    from minidiff import schedules as schedules_module
+
+    schedule = DiscreteSchedule(torch.linspace(1e-4, 0.02, 100, dtype=F64))
+    ts = schedules_module.respace(100, 10, "trailing")
+    net = lambda z, t: 0.1 * z  # noqa: E731
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    first = samplers.sample(net, schedule, ts, samplers.HeunStep(), z=z, progress=False).x
+    calls = {"n": 0}
+    original = DiscreteSchedule._alpha_sigma64
+
+    def counted(self, t):
+        calls["n"] += 1
+        return original(self, t)
+
+    monkeypatch.setattr(DiscreteSchedule, "_alpha_sigma64", counted)
+    again = samplers.sample(net, schedule, ts, samplers.HeunStep(), z=z, progress=False).x
+    assert calls["n"] == 0 and torch.equal(first, again)
+    monkeypatch.setattr(schedules_module, "MEMO_LIMIT", 3)
+    memo = DiscreteSchedule(torch.linspace(1e-4, 0.02, 100, dtype=F64)).memoized()
+    for t in (0.1, 0.2, 0.3, 0.4, 0.5):
+        memo.alpha_sigma(torch.tensor(t, dtype=F64))
+    assert 1 <= len(memo._memo) <= 3
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
