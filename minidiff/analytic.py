@@ -14,6 +14,12 @@ The whole denoising distribution q(z_s | z_t) (s < t) of such data is again a Ga
 (``GaussianMixtureDenoiser.reverse_step``): with few, large steps it is multimodal, which DDPM's
 Gaussian reverse step cannot represent (Xiao et al. 2022, Sec. 3.1; chapter 4). ``moment_match``
 gives its best Gaussian fit and ``mixture_log_prob`` its density.
+
+With classes (each component k has a label y_k, e.g. the rows of the 25-Gaussians grid), the same
+formulas restricted to the components of class y give the conditional denoiser E[x | z_t, y], and the
+class posterior p(y | z_t) = sum_{k: y_k = y} r_k(z_t) is the exact noise-conditional classifier
+(``GaussianMixtureClassifier``): the answers classifier guidance and classifier-free guidance are
+checked against (Chapter 6 §2).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch
 from .diffusion import PREDICTIONS, posterior_coefficients, prediction_from
 from .schedules import NoiseSchedule
 
-__all__ = ["GaussianMixtureDenoiser", "gaussian_flow_map", "mixture_log_prob", "moment_match"]
+__all__ = ["GaussianMixtureDenoiser", "GaussianMixtureClassifier", "gaussian_flow_map", "mixture_log_prob",
+           "moment_match"]
 
 
 class GaussianMixtureDenoiser(torch.nn.Module):
@@ -33,10 +40,15 @@ class GaussianMixtureDenoiser(torch.nn.Module):
     standard deviation s (0 allowed: point masses); weights: (K,) mixture weights (default equal).
     Returns the `prediction` ("x", "eps" or "v") of the exact posterior mean at (z, t) for `schedule`.
     Computed in float64, returned in z's dtype. A single component is the Gaussian case.
+    classes: optional (K,) integer label of each component (0..C-1). Then ``model(z, t, labels=y)`` is the
+    exact conditional denoiser E[x | z_t, y] (the mixture of class y's components, with their weights),
+    and labels None or -1 (the null token of ``diffusion.null_conditioning``) the unconditional one.
     """
 
+    null_token = True  # labels=-1 is the exact unconditional denoiser (classifier-free guidance)
+
     def __init__(self, centers: torch.Tensor, std: float, schedule: NoiseSchedule, prediction: str = "x",
-                 weights: torch.Tensor | None = None):
+                 weights: torch.Tensor | None = None, classes: torch.Tensor | None = None):
         super().__init__()
         centers = torch.as_tensor(centers, dtype=torch.float64)
         if centers.ndim != 2:
@@ -51,12 +63,39 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (len(centers),) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
             raise ValueError("weights must be K non-negative numbers (one per center) with a positive sum.")
+        if classes is not None:
+            classes = torch.as_tensor(classes)
+            bad = classes.shape != (len(centers),) or classes.dtype.is_floating_point
+            if bad or bool((classes < 0).any()):
+                raise ValueError(f"classes must hold one integer label >= 0 per center, shape "
+                                 f"({len(centers)},); got {classes.dtype}, shape {tuple(classes.shape)}.")
+            classes = classes.long()
         self.register_buffer("centers", centers)
         self.register_buffer("log_weights", (weights / weights.sum()).log())
+        self.register_buffer("classes", classes)
+        self.num_classes = None if classes is None else int(classes.max()) + 1
         self.std, self.schedule, self.prediction = float(std), schedule, prediction
 
-    def posterior_mean(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x*, eps*) at z (B, ...) and times t (B,) or a scalar, in float64."""
+    def _log_weights(self, labels, batch: int, device) -> torch.Tensor:
+        """(B, K) log mixture weights given the labels: those of class y's components (renormalised), -inf
+        elsewhere; all components where the label is None or -1 (the unconditional mixture)."""
+        log_w = self.log_weights.to(device)[None].expand(batch, -1)
+        if labels is None:
+            return log_w
+        if self.classes is None:
+            raise ValueError("this denoiser was built without classes=; pass classes (one label per center) "
+                             "to condition it on labels.")
+        labels = torch.as_tensor(labels, device=device).reshape(-1).expand(batch).long()
+        if bool(((labels < -1) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1} (or -1 for the unconditional "
+                             f"denoiser); got values in [{int(labels.min())}, {int(labels.max())}].")
+        member = self.classes.to(device)[None] == labels[:, None]                  # (B, K)
+        member = member | (labels[:, None] < 0)                                       # null: every component
+        masked = torch.where(member, log_w, torch.full_like(log_w, -torch.inf))
+        return masked - torch.logsumexp(masked, dim=1, keepdim=True)
+
+    def _responsibilities(self, z: torch.Tensor, t, labels=None):
+        """(flat z, alpha, sigma, v, diff, log r) at (z, t): log r_k(z_t) = log posterior of component k."""
         flat = z.reshape(len(z), -1).to(torch.float64)
         if flat.shape[1] != self.centers.shape[1]:
             raise ValueError(f"z has {flat.shape[1]} features per example but the centers have "
@@ -66,16 +105,35 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         alpha, sigma = alpha.to(flat.device)[:, None], sigma.to(flat.device)[:, None]
         v = alpha**2 * self.std**2 + sigma**2                                       # (B, 1)
         diff = flat[:, None, :] - alpha[:, :, None] * self.centers[None]  # z - alpha c_k, (B, K, D)
-        logits = self.log_weights[None] - (diff**2).sum(-1) / (2 * v)
-        r = torch.softmax(logits, dim=1)[:, :, None]                                 # responsibilities r_k
+        logits = self._log_weights(labels, len(z), flat.device) - (diff**2).sum(-1) / (2 * v)
+        return flat, alpha, sigma, v, diff, torch.log_softmax(logits, dim=1)
+
+    def class_log_posterior(self, z: torch.Tensor, t) -> torch.Tensor:
+        """log p(y | z_t) for every class, (B, C) in float64: log sum_{k: y_k = y} r_k(z_t), the exact
+        noise-conditional classifier (Bayes' rule on the mixture; Chapter 6 §2)."""
+        if self.classes is None:
+            raise ValueError("class_log_posterior needs a denoiser built with classes= (one label per "
+                             "center).")
+        log_r = self._responsibilities(z, t)[-1]                                   # (B, K)
+        member = self.classes.to(log_r.device)[None, :] == torch.arange(self.num_classes,
+                                                                         device=log_r.device)[:, None]
+        return torch.logsumexp(torch.where(member[None], log_r[:, None, :], -torch.inf), dim=2)
+
+    def posterior_mean(self, z: torch.Tensor, t: torch.Tensor, labels=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x*, eps*) at z (B, ...) and times t (B,) or a scalar, in float64; given labels (classes=), the
+        conditional ones E[x | z_t, y]."""
+        flat, alpha, sigma, v, diff, log_r = self._responsibilities(z, t, labels)
+        r = log_r.exp()[:, :, None]                                                  # responsibilities r_k
         x_k = self.centers[None] + (alpha * self.std**2 / v)[:, :, None] * diff      # E[x | z, k]
         eps_k = (sigma / v)[:, :, None] * diff
         return (r * x_k).sum(1).reshape(z.shape), (r * eps_k).sum(1).reshape(z.shape)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        """The model contract ``model(z, t, **cond)`` (``contracts.Model``; cond is ignored): x*, eps* or
-        v* = alpha eps* - sigma x*, written with ``diffusion.prediction_from`` (Chapter 1 §4)."""
-        x, eps = self.posterior_mean(z, t)
+    def forward(self, z: torch.Tensor, t: torch.Tensor, labels=None, **cond) -> torch.Tensor:
+        """The model contract ``model(z, t, **cond)`` (``contracts.Model``; labels as in the class docstring,
+        other cond ignored): x*, eps* or v* = alpha eps* - sigma x*, written with
+        ``diffusion.prediction_from`` (Chapter 1 §4)."""
+        x, eps = self.posterior_mean(z, t, labels)
         alpha = sigma = None
         if self.prediction == "v":
             t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(len(z)).cpu()
@@ -116,6 +174,25 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         tau2 = self.std**2 * sigma_t**2 / v
         means = a[:, :, None] * flat[:, None, :] + b[:, :, None] * m
         return r, means, (var + b**2 * tau2)[:, 0]
+
+
+class GaussianMixtureClassifier(torch.nn.Module):
+    """The exact noise-conditional classifier of a class-labelled Gaussian mixture: ``classifier(z, t)``
+    returns the logits log p(y | z_t) (B, C) (``GaussianMixtureDenoiser.class_log_posterior``), in z's
+    dtype. It is what a classifier trained on noised data (``guidance.train_noisy_classifier``) tends to,
+    so classifier guidance can be checked against it (Dhariwal & Nichol 2021, Sec. 4; Chapter 6 §2)."""
+
+    trained_on_noise = True  # exact at every t, as guidance needs
+
+    def __init__(self, denoiser: GaussianMixtureDenoiser):
+        super().__init__()
+        if not isinstance(denoiser, GaussianMixtureDenoiser) or denoiser.classes is None:
+            raise ValueError("GaussianMixtureClassifier needs a GaussianMixtureDenoiser built with classes=.")
+        self.denoiser = denoiser
+        self.num_classes = denoiser.num_classes
+
+    def forward(self, z: torch.Tensor, t) -> torch.Tensor:
+        return self.denoiser.class_log_posterior(z, t).to(z.dtype)
 
 
 def gaussian_flow_map(schedule: NoiseSchedule, z: torch.Tensor, t_from, t_to, mean: torch.Tensor,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "distillation_loss",
     "make_student",
     "DistillationRound",
+    "labelled_batch",
     "distill_round",
     "progressive_distillation",
 ]
@@ -307,14 +309,25 @@ class DistillationRound:
         return 2 * self.steps
 
 
+def labelled_batch(batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict | None]:
+    """(x, cond) of a training batch: a tuple (x, labels) gives cond {"labels": labels}, a tensor no cond."""
+    if isinstance(batch, tuple | list):
+        return batch[0], {"labels": batch[1]}
+    return batch, None
+
+
 def distill_round(teacher: torch.nn.Module, schedule: NoiseSchedule, data, N: int, steps: int,
                   prediction: str = "v", weighting: str = "snr+1", teacher_prediction: str | None = None,
-                  student: torch.nn.Module | None = None, **train_kwargs) -> DistillationRound:
+                  student: torch.nn.Module | None = None, batch_cond: Callable | None = None,
+                  **train_kwargs) -> DistillationRound:
     """One round (Algorithm 1, lines 2-17): a student of the teacher's architecture, initialised from
     its weights (``make_student``), learns with ``distillation_loss`` to do in N steps what the teacher
     does in 2N. The optimisation is ``minidiff.train.train(student, loss_fn, data, steps, **train_kwargs)``
     (batch_size, lr, warmup, grad_clip, ema_decay, seed, progress, ...); `data` is what train takes
     (a batch that is a tuple (x, labels) passes labels to both networks). The teacher is not changed.
+    batch_cond(batch, generator) -> (x, cond): how a batch becomes the data and the conditioning both
+    networks get, drawn with the loop's generator before the loss's own draws (guided distillation's
+    stage two draws w ~ U[w_min, w_max] per example here; Chapter 6 §5). Default: ``labelled_batch``.
     """
     N = check_steps(N)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -326,8 +339,10 @@ def distill_round(teacher: torch.nn.Module, schedule: NoiseSchedule, data, N: in
     net = make_student(teacher, student)
     frozen = teacher.eval()
 
+    split = labelled_batch if batch_cond is None else batch_cond
+
     def loss_fn(model, batch, generator):
-        x, cond = (batch[0], {"labels": batch[1]}) if isinstance(batch, tuple | list) else (batch, None)
+        x, cond = split(batch, generator)
         return distillation_loss(model, frozen, schedule, x, N, prediction, weighting, teacher_prediction,
                                  generator=generator, cond=cond)
 
@@ -340,14 +355,15 @@ def distill_round(teacher: torch.nn.Module, schedule: NoiseSchedule, data, N: in
 def progressive_distillation(teacher: torch.nn.Module, schedule: NoiseSchedule, data, N: int, steps,
                              rounds: int | None = None, prediction: str = "v", weighting: str = "snr+1",
                              teacher_prediction: str | None = None, student: torch.nn.Module | None = None,
-                             seed: int = 0, progress: bool = True, **train_kwargs) -> list[DistillationRound]:
+                             seed: int = 0, progress: bool = True, batch_cond: Callable | None = None,
+                             **train_kwargs) -> list[DistillationRound]:
     """K rounds of Algorithm 1 (lines 1-20): students with N, N/2, ..., N/2^(K-1) steps, each the teacher of
     the next (its EMA model). N is the first student's number of steps (the original teacher samples with
     2N); `rounds` defaults to log2(N) + 1, i.e. down to a 1-step student. Round k trains `steps` optimiser
     steps (one int for all rounds, or one per round) with seed `seed + k`; `student` (optional) fixes the
     students' architecture settings (e.g. the teacher's network with dropout 0), and every round starts
-    from a fresh copy of it. One progress bar over the rounds (the rounds' own bars are off). Returns the
-    rounds in order.
+    from a fresh copy of it. One progress bar over the rounds (the rounds' own bars are off). batch_cond as
+    in :func:`distill_round`. Returns the rounds in order.
     """
     N = check_steps(N)
     most = N.bit_length()  # log2(N) + 1
@@ -369,7 +385,7 @@ def progressive_distillation(teacher: torch.nn.Module, schedule: NoiseSchedule, 
             fresh = copy.deepcopy(template) if template is not None else None
             r = distill_round(teacher, schedule, data, n_k, per_round[k], prediction, weighting,
                               teacher_prediction, student=fresh, seed=seed + k, progress=False,
-                              **train_kwargs)
+                              batch_cond=batch_cond, **train_kwargs)
             out.append(r)
             teacher = r.student
             teacher_prediction = prediction  # from the second round on the teacher is a student
