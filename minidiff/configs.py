@@ -368,3 +368,89 @@ register_config(
     },
     small_from_medium={"train.steps": 150, "sample.n": 500},
 )
+
+
+# ---- chapter 6
+# Guidance (Dhariwal & Nichol 2021; Ho & Salimans 2022; Meng et al. 2023). The class-conditional models are
+# trained jointly with the label dropped with probability p_uncond (Ho & Salimans, Algorithm 1), on the
+# chapter-5 continuous cosine schedule with v-prediction. "cfg_toy": the 25 Gaussians with their grid row as
+# the class (5 classes). "cfg_digits": digits with their digit. Its "guide" entry holds chapter 6's other
+# trainings: the noisy classifier p(y | z_t, t) (NoisyClassifier keyword arguments and train.train's),
+# stage one of guided distillation (w ~ U[w_range], train.train's keyword arguments) and stage two
+# (progressive distillation from start_steps down to 1 step), the CFG teacher's step count, the w sweep
+# and the sample counts.
+
+_CFG_DIFFUSION = dict(_PD_DIFFUSION, p_uncond=0.15)
+
+register_config(
+    "cfg_toy",
+    medium={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 20000, "labels": "rows"},
+        "model": {"dim": 2, "hidden": 128, "depth": 3, "emb_dim": 64, "num_classes": 5},
+        "train": {"steps": 2000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ema_decay": 0.995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_CFG_DIFFUSION),
+        "sample": {"n": 1000, "steps": 64},
+    },
+    full={
+        "architecture": "mlp",
+        "data": {"dataset": "25gaussians", "n": 100000, "labels": "rows"},
+        "model": {"dim": 2, "hidden": 256, "depth": 4, "emb_dim": 128, "num_classes": 5},
+        "train": {"steps": 30000, "batch_size": 1024, "lr": 1e-3, "warmup": 500, "ema_decay": 0.999,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_CFG_DIFFUSION),
+        "sample": {"n": 10000, "steps": 128},
+    },
+    small_from_medium={"train.steps": 400, "sample.n": 500, "sample.steps": 32},
+)
+
+register_config(
+    "cfg_digits",
+    medium={
+        "architecture": "unet",
+        "data": {"dataset": "digits", "size": 8, "split": "train", "labels": "digits"},
+        "model": {"in_channels": 1, "base_channels": 16, "channel_mults": (1, 2), "num_res_blocks": 1,
+                  "attention_resolutions": (), "dropout": 0.0, "image_size": 8, "num_classes": 10},
+        "train": {"steps": 1200, "batch_size": 128, "lr": 2e-3, "warmup": 100, "ema_decay": 0.995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_CFG_DIFFUSION),
+        "sample": {"n": 500, "steps": 16},
+        "guide": {
+            "w_values": (0.0, 0.5, 1.0, 2.0, 4.0),
+            "w_range": (0.0, 4.0),
+            "classifier": {"model": {"in_channels": 1, "base_channels": 16, "channel_mults": (1, 2),
+                                     "num_res_blocks": 1, "image_size": 8},
+                           "train": {"steps": 600, "batch_size": 128, "lr": 2e-3, "warmup": 50,
+                                     "ema_decay": 0.99, "grad_clip": 1.0, "seed": 0}},
+            "stage_one": {"steps": 400, "batch_size": 128, "lr": 5e-4, "warmup": 0, "ema_decay": 0.0,
+                          "grad_clip": 1.0, "seed": 0},
+            "stage_two": {"start_steps": 8, "train": {"steps": 100, "batch_size": 128, "lr": 5e-4,
+                                                      "warmup": 0, "ema_decay": 0.0, "grad_clip": 1.0}},
+        },
+    },
+    full={
+        "architecture": "unet",
+        "data": {"dataset": "digits", "size": 16, "split": "train", "labels": "digits"},
+        "model": {"in_channels": 1, "base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2,
+                  "attention_resolutions": (8,), "dropout": 0.1, "image_size": 16, "num_classes": 10},
+        "train": {"steps": 30000, "batch_size": 128, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_CFG_DIFFUSION),
+        "sample": {"n": 1000, "steps": 64},
+        "guide": {
+            "w_values": (0.0, 0.5, 1.0, 2.0, 4.0),
+            "w_range": (0.0, 4.0),
+            "classifier": {"model": {"in_channels": 1, "base_channels": 64, "channel_mults": (1, 2, 2),
+                                     "num_res_blocks": 2, "image_size": 16},
+                           "train": {"steps": 10000, "batch_size": 128, "lr": 3e-4, "warmup": 500,
+                                     "ema_decay": 0.999, "grad_clip": 1.0, "seed": 0}},
+            "stage_one": {"steps": 10000, "batch_size": 128, "lr": 1e-4, "warmup": 0, "ema_decay": 0.0,
+                          "grad_clip": 1.0, "seed": 0},
+            "stage_two": {"start_steps": 32, "train": {"steps": 2000, "batch_size": 128, "lr": 1e-4,
+                                                       "warmup": 0, "ema_decay": 0.0, "grad_clip": 1.0}},
+        },
+    },
+    small_from_medium={"train.steps": 250, "sample.n": 200, "guide.classifier.train.steps": 100,
+                       "guide.stage_one.steps": 60, "guide.stage_two.train.steps": 25},
+)

@@ -26,6 +26,8 @@ __all__ = [
     "PHOTOS",
     "twenty_five_gaussians",
     "twenty_five_gaussians_centers",
+    "twenty_five_gaussians_rows",
+    "twenty_five_gaussians_with_rows",
     "eight_gaussians",
     "eight_gaussians_centers",
     "swiss_roll",
@@ -89,6 +91,25 @@ def twenty_five_gaussians(
     applied after the division by 2.828. Points lie in about [-0.9, 0.9].
     """
     return _mixture(twenty_five_gaussians_centers(), n, std, generator)
+
+
+def twenty_five_gaussians_rows() -> torch.Tensor:
+    """The class of each of the 25 centres when the classes are the grid's 5 rows (Chapter 6): centre
+    ``5 * (i + 2) + (j + 2)`` at height j / 2.828 is in row j + 2, so the labels are ``arange(25) % 5``
+    (row 0 at the bottom, y = -0.71; row 4 at the top)."""
+    return torch.arange(25) % 5
+
+
+def twenty_five_gaussians_with_rows(
+    n: int, generator: torch.Generator | None = None, std: float = TWENTY_FIVE_GAUSSIANS_STD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(points (n, 2), row labels (n,)): the points of :func:`twenty_five_gaussians` with the same
+    generator, bit for bit, and the row (0..4) of the component each point was drawn from."""
+    n = _check_n(n)
+    centers = twenty_five_gaussians_centers()
+    idx = torch.randint(len(centers), (n,), generator=generator)
+    points = centers[idx] + std * torch.randn(n, 2, generator=generator)
+    return points, twenty_five_gaussians_rows()[idx]
 
 
 def eight_gaussians_centers(radius: float = 0.8) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from . import configs, data, diffusion, schedules
 from .cache import cache_dir, cache_lock, load_or_build
 from .nn import MLPDenoiser, UNet
-from .train import load_config, load_model, save_model, train
+from .train import load_config, load_model, save_model, to_device, train
 
 __all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "store", "training_data"]
 
@@ -53,12 +53,26 @@ def build_model(config: dict) -> torch.nn.Module:
     return ARCHITECTURES[arch](**config["model"])
 
 
-def training_data(config: dict) -> torch.Tensor:
-    """The training set a config names: a 2-D toy set (n points, seed 6 as in chapter 1) or digit images."""
+def training_data(config: dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The training set a config names: a 2-D toy set (n points, seed 6 as in chapter 1) or digit images.
+
+    With ``"labels"`` in the data spec it is a pair (x, labels) for a class-conditional model (Chapter 6):
+    digits with their digit (``"labels": "digits"``), or the 25 Gaussians with their grid row
+    (``"labels": "rows"``, the same points as without labels)."""
     spec = config["data"]
+    labels = spec.get("labels")
     if spec["dataset"] == "digits":
-        return data.digits(size=spec["size"], split=spec.get("split", "train"))[0]
-    return data.toy_dataset(spec["dataset"], spec["n"], generator=torch.Generator().manual_seed(6))
+        images, digit = data.digits(size=spec["size"], split=spec.get("split", "train"))
+        if labels not in (None, "digits"):
+            raise ValueError(f"digits data takes labels 'digits' (or none); got {labels!r}.")
+        return images if labels is None else (images, digit)
+    generator = torch.Generator().manual_seed(6)
+    if labels is None:
+        return data.toy_dataset(spec["dataset"], spec["n"], generator=generator)
+    if labels != "rows" or spec["dataset"] != "25gaussians":
+        raise ValueError(f"toy data takes labels 'rows' on '25gaussians' only; got {labels!r} on "
+                         f"{spec['dataset']!r}.")
+    return data.twenty_five_gaussians_with_rows(spec["n"], generator=generator)
 
 
 def _key(config: dict) -> str:
@@ -108,13 +122,15 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
             return build_model(config)
 
     def loss_fn(net, batch, generator):
-        return diffusion.training_loss(net, schedule, batch, prediction=diff["prediction"],
-                                       weighting=diff["weighting"], generator=generator)
+        x, cond = (batch[0], {"labels": batch[1]}) if isinstance(batch, tuple) else (batch, None)
+        return diffusion.training_loss(net, schedule, x, prediction=diff["prediction"],
+                                       weighting=diff["weighting"], generator=generator, cond=cond,
+                                       p_uncond=diff.get("p_uncond", 0.0) if cond else 0.0)
 
     def build(path: Path | None) -> PretrainedModel:
         t0 = time.perf_counter()
-        result = train(fresh_model().to(device), loss_fn, training_data(config).to(device), progress=progress,
-                       **config["train"])
+        result = train(fresh_model().to(device), loss_fn, to_device(training_data(config), device),
+                       progress=progress, **config["train"])
         seconds = time.perf_counter() - t0
         ema = result.ema_model.eval()
         if path is not None:
