@@ -1,6 +1,8 @@
 """Guidance (minidiff.guidance, Chapter 6): exact identities on class-labelled Gaussian mixtures, the
 wrappers' NFE and shapes, guided distillation's two stages, and the errors for bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -426,3 +428,21 @@ def test_bad_input_gets_clear_errors():
         guidance.stage_one_loss(mix, mix, schedule, z, {}, w_range=(0, 1))
     with pytest.raises(ValueError, match="num_classes"):
         guidance.NoisyClassifier(1, in_channels=1, image_size=8)
+
+
+def test_conditional_toy_metrics_see_fidelity_and_diversity():
+    from minidiff.metrics import conditional_toy_metrics
+
+    centers, rows = data.twenty_five_gaussians_centers(), data.twenty_five_gaussians_rows()
+    x, y = data.twenty_five_gaussians_with_rows(2000, generator=torch.Generator().manual_seed(0))
+    args = (centers, rows, data.TWENTY_FIVE_GAUSSIANS_STD)
+    fresh = conditional_toy_metrics(x, y, *args)
+    assert fresh["class_accuracy"] == 1.0 and fresh["modes_in_class"] == 5 and fresh["within_class_kl"] < 0.01
+    wrong = conditional_toy_metrics(x, (y + 1) % 5, *args)  # right points, wrong labels
+    assert wrong["class_accuracy"] == 0.0
+    # collapse: every sample of row r on one mode of that row (centre r is in row r)
+    collapsed = conditional_toy_metrics(centers[y], y, *args)
+    assert collapsed["class_accuracy"] == 1.0 and collapsed["modes_in_class"] == 1
+    assert abs(collapsed["within_class_kl"] - math.log(5)) < 1e-9
+    with pytest.raises(ValueError, match="labels must be"):
+        conditional_toy_metrics(x, y[:5], *args)
