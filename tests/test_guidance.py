@@ -437,9 +437,9 @@ def test_conditional_toy_metrics_see_fidelity_and_diversity():
     x, y = data.twenty_five_gaussians_with_rows(2000, generator=torch.Generator().manual_seed(0))
     args = (centers, rows, data.TWENTY_FIVE_GAUSSIANS_STD)
     fresh = conditional_toy_metrics(x, y, *args)
-    assert fresh["class_accuracy"] == 1.0 and fresh["modes_in_class"] == 5 and fresh["within_class_kl"] < 0.01
+    assert fresh["class_accuracy"] > 0.99 and fresh["modes_in_class"] == 5 and fresh["within_class_kl"] < 0.01
     wrong = conditional_toy_metrics(x, (y + 1) % 5, *args)  # right points, wrong labels
-    assert wrong["class_accuracy"] == 0.0
+    assert wrong["class_accuracy"] < 0.01
     # collapse: every sample of row r on one mode of that row (centre r is in row r)
     collapsed = conditional_toy_metrics(centers[y], y, *args)
     assert collapsed["class_accuracy"] == 1.0 and collapsed["modes_in_class"] == 1
