@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_SEEDS", "MeanSD", "over_seeds", "initial_noise", "seed_generator"]
+__all__ = ["DEFAULT_SEEDS", "MeanSD", "over_seeds", "rank", "initial_noise", "seed_generator"]
 
 DEFAULT_SEEDS = (0, 1, 2)
 """The seeds of every table in the book (at least 3, DESIGN.md "Evaluation")."""
@@ -108,6 +108,18 @@ def over_seeds(fn: Callable[[int], Mapping], seeds: Sequence[int] = DEFAULT_SEED
         sd = float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
         out[key] = MeanSD(float(arr.mean()), sd, tuple(values))
     return out
+
+
+def rank(a: Mapping[str, MeanSD], b: Mapping[str, MeanSD], key: str, directions: Mapping[str, str]) -> int:
+    """+1 if row a beats row b on `key` by more than the two seed spreads together (sd_a + sd_b), -1 if
+    it loses by that much, 0 if the difference is within the spread or there is a single seed: then
+    the rows are not ranked (DESIGN.md, "no ranking inside the seed spread"). directions[key] is
+    "higher" or "lower" (which is better), as in ``metrics.TOY_METRICS``."""
+    if directions.get(key) not in ("higher", "lower"):
+        raise ValueError(f"directions must say 'higher' or 'lower' for {key!r}; got {directions.get(key)!r}.")
+    sign = 1 if directions[key] == "higher" else -1
+    diff, spread = sign * (a[key].mean - b[key].mean), a[key].sd + b[key].sd
+    return 0 if not spread >= 0 or abs(diff) <= spread else (1 if diff > 0 else -1)
 
 
 def _check_seed(seed) -> int:

@@ -74,3 +74,18 @@ def test_a_toy_table_row_over_seeds():
     assert fresh["modes_covered"].values == (25.0, 25.0, 25.0)
     assert blurred["log_density_gap"].mean > fresh["log_density_gap"].mean + 10 * fresh["log_density_gap"].sd
     assert row(0.0) == fresh  # bit for bit on the CPU
+
+
+def test_rank_orders_rows_only_beyond_the_seed_spread():
+    from minidiff.evaluation import MeanSD, rank
+
+    def row(mean, sd):
+        return {"m": MeanSD(mean, sd, (mean,) * 3)}
+
+    up = {"m": "higher"}
+    assert rank(row(1.0, 0.1), row(0.5, 0.1), "m", up) == 1
+    assert rank(row(0.5, 0.1), row(1.0, 0.1), "m", up) == -1
+    assert rank(row(1.0, 0.3), row(0.6, 0.2), "m", up) == 0  # inside the spread
+    assert rank(row(0.5, 0.1), row(1.0, 0.1), "m", {"m": "lower"}) == 1
+    with pytest.raises(ValueError, match="higher"):
+        rank(row(1, 0), row(0, 0), "m", {})
