@@ -402,7 +402,7 @@ register_config(
         "diffusion": dict(_CFG_DIFFUSION),
         "sample": {"n": 10000, "steps": 128},
     },
-    small_from_medium={"train.steps": 400, "sample.n": 500, "sample.steps": 32},
+    small_from_medium={"train.steps": 300, "sample.n": 500, "sample.steps": 32},
 )
 
 register_config(
@@ -451,6 +451,6 @@ register_config(
                                                        "warmup": 0, "ema_decay": 0.0, "grad_clip": 1.0}},
         },
     },
-    small_from_medium={"train.steps": 250, "sample.n": 200, "guide.classifier.train.steps": 100,
-                       "guide.stage_one.steps": 60, "guide.stage_two.train.steps": 25},
+    small_from_medium={"train.steps": 180, "sample.n": 150, "guide.classifier.train.steps": 60,
+                       "guide.stage_one.steps": 40, "guide.stage_two.train.steps": 15},
 )

@@ -434,7 +434,7 @@ def make_guided_student(teacher: nn.Module, student: nn.Module) -> nn.Module:
 
 
 def stage_one_loss(student, teacher, schedule: NoiseSchedule, x: torch.Tensor, cond: dict, *,
-                   w_range: tuple[float, float], prediction: str = "v", teacher_prediction: str = "eps",
+                   w_range: tuple[float, float], teacher_prediction: str, prediction: str = "v",
                    weighting: str = "truncated_snr", generator: torch.Generator | None = None
                    ) -> torch.Tensor:
     """Stage-one guided distillation, Algorithm 1 of Meng et al. (2023), for one batch (Chapter 6 §5):
@@ -444,8 +444,10 @@ def stage_one_loss(student, teacher, schedule: NoiseSchedule, x: torch.Tensor, c
         L = omega(lambda_t) || x-hat_w(z_t) - x_eta(z_t, w) ||^2,
 
     the student's output read as a `prediction` and converted to x (``diffusion.denoise``); omega is
-    ``diffusion.loss_weight(weighting)``. cond holds the labels c (both networks get them; the teacher's
-    unconditional pass uses the null token). Random draws, in this order: t, w, the noise.
+    ``diffusion.loss_weight(weighting)``. teacher_prediction is what the teacher network outputs ("eps",
+    "x" or "v"; required, since reading a v-network as eps gives a meaningless target). cond holds the
+    labels c (both networks get them; the teacher's unconditional pass uses the null token). Random
+    draws, in this order: t, w, the noise.
     """
     w_min, w_max = _check_w_range(w_range)
     if not cond or cond.get("labels") is None:
@@ -496,13 +498,13 @@ class StageOneResult:
 
 
 def distill_guided_teacher(teacher: nn.Module, student: nn.Module, schedule: NoiseSchedule, data,
-                           steps: int, *, w_range: tuple[float, float], prediction: str = "v",
-                           teacher_prediction: str = "eps", weighting: str = "truncated_snr",
+                           steps: int, *, w_range: tuple[float, float], teacher_prediction: str,
+                           prediction: str = "v", weighting: str = "truncated_snr",
                            **train_kwargs) -> StageOneResult:
     """Stage one (Meng et al. 2023, Algorithm 1; Chapter 6 §5): train the w-conditioned `student`
     (initialised by :func:`make_guided_student`) with :func:`stage_one_loss` through the one training loop
     (``minidiff.train.train``: batch_size, lr, warmup, ema_decay, seed, progress, ...). data: (images,
-    labels). The teacher is not changed."""
+    labels). teacher_prediction: the teacher's output type (required). The teacher is not changed."""
     w_range = _check_w_range(w_range)
     if not has_null_token(teacher):
         raise ValueError("the stage-one teacher is a classifier-free guided model: it needs a null token "

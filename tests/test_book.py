@@ -34,6 +34,7 @@ PAGES = {
     "chapter 3": "notebooks/03_probability_flow.html",
     "chapter 4": "notebooks/04_ddgan.html",
     "chapter 5": "notebooks/05_progressive_distillation.html",
+    "chapter 6": "notebooks/06_guidance.html",
 }
 SCREENSHOTS = {"intro": "book/intro.html", "chapter 1": "notebooks/01_ddpm.html",
                "chapter 2": "notebooks/02_ddim.html"}

@@ -298,6 +298,7 @@ def test_guided_distillation_runs_both_stages_and_samples_at_one_nfe_per_step():
         (images, labels),
         3,
         w_range=(0.0, 2.0),
+        teacher_prediction="eps",
         batch_size=8,
         progress=False,
         seed=0,
@@ -425,7 +426,7 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="one integer label"):
         GaussianMixtureDenoiser(data.twenty_five_gaussians_centers(), 0.05, schedule, classes=torch.zeros(3))
     with pytest.raises(ValueError, match="class-conditional"):
-        guidance.stage_one_loss(mix, mix, schedule, z, {}, w_range=(0, 1))
+        guidance.stage_one_loss(mix, mix, schedule, z, {}, w_range=(0, 1), teacher_prediction="eps")
     with pytest.raises(ValueError, match="num_classes"):
         guidance.NoisyClassifier(1, in_channels=1, image_size=8)
 

@@ -105,3 +105,30 @@ def test_two_processes_asking_for_one_model_train_it_once(tmp_path):
         p.join(timeout=120)
     trained = sorted(queue.get(timeout=5) for _ in procs)
     assert trained == [False, True]                     # one trained, the other waited for it and loaded
+
+
+def test_training_data_of_a_conditional_config_has_labels():
+    from minidiff import configs, data, pretrained
+
+    toy = configs.get_config("cfg_toy", "small")
+    x, y = pretrained.training_data(toy)
+    same = data.toy_dataset("25gaussians", toy["data"]["n"], generator=torch.Generator().manual_seed(6))
+    assert torch.equal(x, same)  # the unlabelled chapters' points, now with their rows
+    assert y.dtype == torch.long and set(y.unique().tolist()) == set(range(5))
+    nearest = torch.cdist(x, data.twenty_five_gaussians_centers()).argmin(1)
+    assert (data.twenty_five_gaussians_rows()[nearest] == y).double().mean() > 0.99
+    images, digits = pretrained.training_data(configs.get_config("cfg_digits", "small"))
+    assert images.shape[1:] == (1, 8, 8) and len(digits) == len(images)
+    bad = dict(toy, data=dict(toy["data"], labels="columns"))
+    with pytest.raises(ValueError, match="rows"):
+        pretrained.training_data(bad)
+
+
+def test_a_conditional_model_trains_with_label_dropout(tmp_path):
+    from minidiff import configs, guidance, pretrained
+
+    cfg = configs.shrink(configs.get_config("cfg_toy", "small"), **{"train.steps": 3, "data.n": 64})
+    m = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)
+    assert len(m.losses) == 3 and guidance.has_null_token(m.model)
+    again = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)  # from the cache
+    assert again.losses is None
