@@ -29,8 +29,8 @@ import torch
 from .diffusion import PREDICTIONS, posterior_coefficients, prediction_from
 from .schedules import NoiseSchedule
 
-__all__ = ["GaussianMixtureDenoiser", "GaussianMixtureClassifier", "gaussian_flow_map", "mixture_log_prob",
-           "moment_match"]
+__all__ = ["GaussianMixtureDenoiser", "GaussianMixtureClassifier", "EmpiricalDenoiser", "gaussian_flow_map",
+           "mixture_log_prob", "moment_match"]
 
 
 class GaussianMixtureDenoiser(torch.nn.Module):
@@ -193,6 +193,83 @@ class GaussianMixtureClassifier(torch.nn.Module):
 
     def forward(self, z: torch.Tensor, t) -> torch.Tensor:
         return self.denoiser.class_log_posterior(z, t).to(z.dtype)
+
+
+class EmpiricalDenoiser(torch.nn.Module):
+    """The optimal denoiser x* of a finite data set, usable as a model(z, t) (Luhman & Luhman 2022, eq. (4)
+    and Appendix A; Chapter 7 §1). For the empirical distribution q(x) = (1/N) sum_n delta(x - x_n),
+
+        x*(z_t, t) = E_q(x)[x q(z_t | x) / q(z_t)] = sum_n w_n(z_t) x_n,
+        w_n ∝ exp(-|z_t - alpha_t x_n|^2 / (2 sigma_t^2)),
+
+    the posterior-weighted average of the data that minimises the x-MSE at every z_t. Computed in float64
+    in chunks of ``batch_size`` data points (a running log-sum-exp), so N may exceed memory for one
+    (B, N) matrix; :meth:`posterior_weights` gives the whole (B, N) matrix for small N. At sigma_t = 0 the
+    weights pick the nearest data point (the limit). Returns the `prediction` in z's dtype.
+    """
+
+    def __init__(self, data: torch.Tensor, schedule: NoiseSchedule, prediction: str = "x",
+                 batch_size: int = 1024):
+        super().__init__()
+        data = torch.as_tensor(data)
+        if data.ndim < 2 or len(data) == 0:
+            raise ValueError(f"data must be a non-empty batch (N, ...); got shape {tuple(data.shape)}.")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+        self.register_buffer("data", data.to(torch.float64))
+        self.schedule, self.prediction, self.batch_size = schedule, prediction, batch_size
+
+    def _flat(self, z: torch.Tensor) -> torch.Tensor:
+        if tuple(z.shape[1:]) != tuple(self.data.shape[1:]):
+            raise ValueError(f"z has example shape {tuple(z.shape[1:])}, the data "
+                             f"{tuple(self.data.shape[1:])}.")
+        return z.reshape(len(z), -1).to(torch.float64)
+
+    def _coefficients(self, z: torch.Tensor, t):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(len(z)).cpu()
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        return alpha.to(z.device)[:, None], sigma.to(z.device).clamp(min=1e-12)[:, None]
+
+    def posterior_weights(self, z: torch.Tensor, t) -> torch.Tensor:
+        """w_n(z_t) = q(x_n | z_t), shape (B, N), rows summing to 1 (all data at once)."""
+        flat, data = self._flat(z), self.data.reshape(len(self.data), -1).to(z.device)
+        alpha, sigma = self._coefficients(z, t)
+        sq = ((flat[:, None, :] - alpha[:, :, None] * data[None]) ** 2).sum(-1)               # (B, N)
+        logits = -sq / (2 * sigma**2)
+        return torch.softmax(logits, dim=1)
+
+    def posterior_mean(self, z: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x*, eps*) at z (B, ...) and t (scalar or (B,)), float64, in chunks over the data."""
+        flat = self._flat(z)
+        alpha, sigma = self._coefficients(z, t)
+        data = self.data.reshape(len(self.data), -1).to(z.device)
+        top = torch.full((len(flat), 1), -torch.inf, dtype=torch.float64, device=z.device)
+        total = torch.zeros((len(flat), 1), dtype=torch.float64, device=z.device)
+        acc = torch.zeros_like(flat)
+        for chunk in torch.split(data, self.batch_size):
+            # log w_n up to a constant: -|z - alpha x_n|^2 / (2 sigma^2),
+            # with |z - alpha x_n|^2 = |z|^2 - 2 alpha z.x_n + alpha^2 |x_n|^2
+            sq = ((flat**2).sum(1, keepdim=True) - 2 * alpha * flat @ chunk.T
+                  + alpha**2 * (chunk**2).sum(1)[None])
+            logits = -sq.clamp(min=0) / (2 * sigma**2)
+            new_top = torch.maximum(top, logits.max(dim=1, keepdim=True).values)
+            scale, weights = torch.exp(top - new_top), torch.exp(logits - new_top)
+            total = total * scale + weights.sum(1, keepdim=True)
+            acc = acc * scale + weights @ chunk
+            top = new_top
+        x_star = acc / total
+        eps_star = (flat - alpha * x_star) / sigma
+        return x_star.reshape(z.shape), eps_star.reshape(z.shape)
+
+    def forward(self, z: torch.Tensor, t, **cond) -> torch.Tensor:
+        """The model contract ``model(z, t, **cond)`` (cond ignored): x*, eps* or v* (Chapter 1 §4)."""
+        x, eps = self.posterior_mean(z, t)
+        alpha, sigma = self._coefficients(z, t)
+        shape = (len(z),) + (1,) * (z.ndim - 1)
+        return prediction_from(x, eps, self.prediction, alpha=alpha.reshape(shape),
+                               sigma=sigma.reshape(shape)).to(z.dtype)
 
 
 def gaussian_flow_map(schedule: NoiseSchedule, z: torch.Tensor, t_from, t_to, mean: torch.Tensor,
