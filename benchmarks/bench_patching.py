@@ -28,7 +28,7 @@ import torch
 
 from minidiff import diffusion
 from minidiff.nn import UNet
-from minidiff.patching import Patched, patched_unet_kwargs
+from minidiff.patching import Patched, patched_unet_kwargs, saved_activation_bytes
 from minidiff.schedules import CosineSchedule
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,26 +42,6 @@ def build(P: int, size: int, width: int, mults: tuple[int, ...]) -> Patched:
         )
     )
     return Patched(net, P)
-
-
-def saved_activation_bytes(model, x, schedule) -> int:
-    """Bytes autograd keeps for the backward pass of one training loss (each storage once)."""
-    seen: dict[tuple, int] = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-            storage = t.untyped_storage()
-            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = diffusion.training_loss(
-            model, schedule, x, prediction="x", weighting="x", generator=torch.Generator().manual_seed(0)
-        )
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(n for (ptr, _), n in seen.items() if ptr not in params)
 
 
 def main():
@@ -109,7 +89,11 @@ def main():
                 times[(P, key)].append(time.process_time() - start)
     rows = []
     for P in args.patches:
-        memory = saved_activation_bytes(models[P], x, schedule)
+        memory = saved_activation_bytes(
+            lambda P=P: diffusion.training_loss(models[P], schedule, x, prediction="x", weighting="x",
+                                                generator=torch.Generator().manual_seed(0)),
+            exclude=models[P].parameters())
+        models[P].zero_grad(set_to_none=True)
         rows.append(
             {
                 "P": P,

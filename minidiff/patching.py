@@ -17,7 +17,7 @@ The optimal denoiser x* of a data set (eq. (4)) is ``analytic.EmpiricalDenoiser`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from einops import rearrange
@@ -27,7 +27,7 @@ from .contracts import network_evaluations
 from .schedules import DiscreteSchedule, NoiseSchedule
 
 __all__ = ["check_patch_size", "patchify", "unpatchify", "Patched", "patched_unet_kwargs", "SplitModel",
-           "split_time"]
+           "split_time", "radial_power_spectrum", "high_frequency_fraction", "saved_activation_bytes"]
 
 
 def check_patch_size(P, height: int | None = None, width: int | None = None) -> int:
@@ -185,3 +185,63 @@ class _Callable(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- measuring Sec. 2.2
+
+
+def radial_power_spectrum(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frequencies, power): the mean power |FFT|^2 of the images (B, C, H, W) in rings of radial frequency
+    k = 0, 1, ..., min(H, W) // 2 (cycles per image), averaged over the batch, the channels and the
+    ring (Chapter 7 §1). The mean of each image is removed first, so k = 0 holds no energy. Float64."""
+    _check_images(images, "images")
+    x = images.to(torch.float64)
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    power = torch.fft.fft2(x).abs().pow(2).mean(dim=(0, 1))                        # (H, W)
+    H, W = power.shape
+    fy = torch.fft.fftfreq(H, 1 / H, dtype=torch.float64)                          # cycles per image
+    fx = torch.fft.fftfreq(W, 1 / W, dtype=torch.float64)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).round().long()
+    top = min(H, W) // 2
+    freqs = torch.arange(top + 1)
+    ring = torch.stack([power[radius == k].mean() if bool((radius == k).any()) else power.new_zeros(())
+                        for k in freqs])
+    return freqs, ring
+
+
+def high_frequency_fraction(images: torch.Tensor, cutoff: float = 0.25) -> float:
+    """The share of the images' (mean-removed) energy above `cutoff` times the Nyquist frequency, from
+    the full 2-D power spectrum (Parseval: the shares sum to 1). A blurred image has less of it
+    (Luhman & Luhman 2022, Sec. 2.2: x* blurs as t grows; Chapter 7 §1)."""
+    _check_images(images, "images")
+    if not 0 < cutoff < 1:
+        raise ValueError(f"cutoff must lie in (0, 1) (a fraction of the Nyquist frequency); got {cutoff!r}.")
+    x = images.to(torch.float64)
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    power = torch.fft.fft2(x).abs().pow(2).sum(dim=(0, 1))
+    H, W = power.shape
+    fy = torch.fft.fftfreq(H, dtype=torch.float64)                                 # cycles per pixel
+    fx = torch.fft.fftfreq(W, dtype=torch.float64)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5                 # in units of Nyquist
+    total = float(power.sum())
+    return float(power[radius > cutoff].sum()) / total if total > 0 else 0.0
+
+
+def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """The activation memory of one training step: the bytes of the tensors autograd saves for the backward
+    pass while ``loss_fn()`` runs (``torch.autograd.graph.saved_tensors_hooks``), each storage counted once,
+    leaving out `exclude` (pass the parameters). Runs the backward pass too, so the graph is freed. This
+    is the memory that patching divides (Luhman & Luhman 2022, Sec. 4: 4x; Chapter 7 §3)."""
+    seen: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(seen.values())

@@ -179,3 +179,39 @@ def test_x_star_predictions_and_errors():
         EmpiricalDenoiser(data, schedule)(torch.randn(4, 3, dtype=F64), t)
     with pytest.raises(ValueError, match="batch_size"):
         EmpiricalDenoiser(data, schedule, batch_size=0)
+
+
+def test_power_spectrum_finds_a_sinusoid_and_blur_lowers_the_high_frequency_share():
+    from minidiff.patching import high_frequency_fraction, radial_power_spectrum
+
+    n = torch.arange(32, dtype=F64)
+    wave = torch.cos(2 * torch.pi * 5 * n / 32)[None, None, None, :].expand(
+        2, 1, 32, 32
+    )  # 5 cycles per image
+    freqs, power = radial_power_spectrum(wave)
+    assert int(freqs[power.argmax()]) == 5 and float(power[0]) < 1e-20
+    sharp = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=F64)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1)
+    more = torch.nn.functional.avg_pool2d(sharp, 5, stride=1, padding=2)
+    hf = [high_frequency_fraction(x) for x in (more, blurred, sharp)]
+    assert hf[0] < hf[1] < 0.7 * hf[2]
+    assert 0.9 < high_frequency_fraction(sharp, 0.01) <= 1.0  # white noise: nearly all above 1% of Nyquist
+    with pytest.raises(ValueError, match="cutoff"):
+        high_frequency_fraction(sharp, 1.5)
+
+
+def test_patching_divides_the_saved_activation_memory():
+    from minidiff.patching import saved_activation_bytes
+
+    x = torch.randn(4, 1, 16, 16)
+
+    def memory(P):
+        torch.manual_seed(0)
+        model = Patched(UNet(**patched_unet_kwargs(P, 1, 16, base_channels=8, channel_mults=(1, 2))), P)
+        return saved_activation_bytes(
+            lambda: diffusion.training_loss(model, CosineSchedule(), x, prediction="x", weighting="x"),
+            exclude=model.parameters(),
+        )
+
+    m1, m4 = memory(1), memory(4)
+    assert m1 > 0 and m1 / m4 > 3.5
