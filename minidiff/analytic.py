@@ -156,20 +156,14 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         features); t, s: scalars or (B,). Returns (weights (B, K), means (B, K, D), variances (B,)),
         float64. Its mean is a z_t + b x*(z_t), the mean DDPM's reverse step uses.
         """
-        flat = z_t.reshape(len(z_t), -1).to(torch.float64)
-        if flat.shape[1] != self.centers.shape[1]:
-            raise ValueError(f"z_t has {flat.shape[1]} features per example but the centers have "
-                             f"{self.centers.shape[1]}.")
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(len(z_t)).cpu()
         s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).expand(len(z_t)).cpu()
         if not bool((s < t).all()) or not bool((s >= 0).all()):
             raise ValueError("reverse_step needs 0 <= s < t (z_s is the less noisy point).")
-        alpha_t, sigma_t = (v.to(flat.device)[:, None] for v in self.schedule.alpha_sigma(t))
+        flat, alpha_t, sigma_t, v, diff, log_r = self._responsibilities(z_t, t)  # as posterior_mean
+        r = log_r.exp()  # (B, K)
         coefs = posterior_coefficients(self.schedule, t=t, s=s)  # q(z_s | z_t, x) = N(a z_t + b x, var I)
         a, b, var = (c.to(flat.device)[:, None] for c in coefs)                                # (B, 1)
-        v = alpha_t**2 * self.std**2 + sigma_t**2                                               # (B, 1)
-        diff = flat[:, None, :] - alpha_t[:, :, None] * self.centers[None]                     # (B, K, D)
-        r = torch.softmax(self.log_weights[None] - (diff**2).sum(-1) / (2 * v), dim=1)        # (B, K)
         m = self.centers[None] + (alpha_t * self.std**2 / v)[:, :, None] * diff                # E[x | z_t, k]
         tau2 = self.std**2 * sigma_t**2 / v
         means = a[:, :, None] * flat[:, None, :] + b[:, :, None] * m

@@ -25,7 +25,6 @@ Every optimiser step goes through the one training loop, ``minidiff.train.train`
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,7 +42,7 @@ from .diffusion import (
 )
 from .samplers import DDIMStep
 from .schedules import NoiseSchedule
-from .train import train
+from .train import labelled_batch, train
 
 __all__ = [
     "check_steps",
@@ -56,13 +55,11 @@ __all__ = [
     "distillation_loss",
     "make_student",
     "DistillationRound",
-    "labelled_batch",
     "distill_round",
     "progressive_distillation",
 ]
 
 F64 = torch.float64
-_TRAIN_BATCH = inspect.signature(train).parameters["batch_size"].default
 
 
 # ----------------------------------------------------------------------------- checks
@@ -309,13 +306,6 @@ class DistillationRound:
         return 2 * self.steps
 
 
-def labelled_batch(batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict | None]:
-    """(x, cond) of a training batch: a tuple (x, labels) gives cond {"labels": labels}, a tensor no cond."""
-    if isinstance(batch, tuple | list):
-        return batch[0], {"labels": batch[1]}
-    return batch, None
-
-
 def distill_round(teacher: torch.nn.Module, schedule: NoiseSchedule, data, N: int, steps: int,
                   prediction: str = "v", weighting: str = "snr+1", teacher_prediction: str | None = None,
                   student: torch.nn.Module | None = None, batch_cond: Callable | None = None,
@@ -327,7 +317,7 @@ def distill_round(teacher: torch.nn.Module, schedule: NoiseSchedule, data, N: in
     (a batch that is a tuple (x, labels) passes labels to both networks). The teacher is not changed.
     batch_cond(batch, generator) -> (x, cond): how a batch becomes the data and the conditioning both
     networks get, drawn with the loop's generator before the loss's own draws (guided distillation's
-    stage two draws w ~ U[w_min, w_max] per example here; Chapter 6 §5). Default: ``labelled_batch``.
+    stage two draws w ~ U[w_min, w_max] per example here; Chapter 6 §5). Default: ``train.labelled_batch``.
     """
     N = check_steps(N)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -348,7 +338,7 @@ def distill_round(teacher: torch.nn.Module, schedule: NoiseSchedule, data, N: in
 
     result = train(net, loss_fn, data, steps, **train_kwargs)
     return DistillationRound(model=result.model, ema_model=result.ema_model.eval(), N=N, losses=result.losses,
-                             steps=result.steps, batch_size=train_kwargs.get("batch_size", _TRAIN_BATCH),
+                             steps=result.steps, batch_size=result.batch_size,
                              seconds=result.seconds)
 
 

@@ -31,7 +31,6 @@ x- or v-space gives the same step (a test checks).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -518,11 +517,10 @@ def distill_guided_teacher(teacher: nn.Module, student: nn.Module, schedule: Noi
                               prediction=prediction, teacher_prediction=teacher_prediction,
                               weighting=weighting, generator=generator)
 
-    start = time.perf_counter()
     result = train(net, loss_fn, data, steps, **train_kwargs)
     return StageOneResult(model=result.model, student=result.ema_model.eval(), w_range=w_range,
-                          losses=result.losses, steps=result.steps,
-                          batch_size=train_kwargs.get("batch_size", 128), seconds=time.perf_counter() - start)
+                          losses=result.losses, steps=result.steps, batch_size=result.batch_size,
+                          seconds=result.seconds)
 
 
 def guidance_batch_cond(w_range: tuple[float, float]) -> Callable:

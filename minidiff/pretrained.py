@@ -24,7 +24,7 @@ import torch
 from . import configs, data, diffusion, schedules
 from .cache import cache_dir, cache_lock, load_or_build
 from .nn import MLPDenoiser, UNet
-from .train import load_config, load_model, save_model, to_device, train
+from .train import labelled_batch, load_config, load_model, save_model, to_device, train
 
 __all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "store", "training_data"]
 
@@ -122,7 +122,7 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
             return build_model(config)
 
     def loss_fn(net, batch, generator):
-        x, cond = (batch[0], {"labels": batch[1]}) if isinstance(batch, tuple) else (batch, None)
+        x, cond = labelled_batch(batch)
         return diffusion.training_loss(net, schedule, x, prediction=diff["prediction"],
                                        weighting=diff["weighting"], generator=generator, cond=cond,
                                        p_uncond=diff.get("p_uncond", 0.0) if cond else 0.0)

@@ -44,6 +44,7 @@ __all__ = [
     "TrainResult",
     "TrainStep",
     "atomic_save_file",
+    "labelled_batch",
     "latest_checkpoint",
     "load_config",
     "load_model",
@@ -183,7 +184,7 @@ class LossStep:
 class TrainResult:
     """Result of ``train``: both models (eval mode), logged losses (the mean of every ``log_every``
     steps' "loss"), every value the step logged (``history``, one entry per step that logged it),
-    steps done, wall time of this call."""
+    steps done, wall time of this call, and the batch size the run drew."""
 
     model: torch.nn.Module
     ema_model: torch.nn.Module
@@ -191,6 +192,7 @@ class TrainResult:
     steps: int
     seconds: float
     history: dict[str, list[float]] = field(default_factory=dict)
+    batch_size: int | None = None
 
 
 # ----------------------------------------------------------------------------- state (de)serialisation
@@ -405,6 +407,15 @@ def make_batch_sampler(data) -> Callable[[int, torch.Generator], object]:
     return batch
 
 
+def labelled_batch(batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict | None]:
+    """(x, cond) of a training batch: a tuple (x, labels) gives cond {"labels": labels}, a tensor no cond
+    (what ``make_batch_sampler`` draws from (images, labels) or images; the class-conditional models of
+    chapter 6 and the distillation rounds of chapter 5 read their batches this way)."""
+    if isinstance(batch, tuple | list):
+        return batch[0], {"labels": batch[1]}
+    return batch, None
+
+
 def to_device(batch, device):
     """Move a batch (a tensor, or tuples / lists / dicts of them) to ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -567,4 +578,4 @@ def train(
     for module in step.modules.values():
         module.eval()
     return TrainResult(model=model, ema_model=ema.model, losses=list(losses), steps=max(start, steps),
-                       seconds=time.perf_counter() - t0, history=history)
+                       seconds=time.perf_counter() - t0, history=history, batch_size=batch_size)

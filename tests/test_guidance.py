@@ -132,30 +132,23 @@ def test_cfg_costs_two_network_evaluations_per_step_and_w_zero_is_the_conditiona
     ts = torch.linspace(1, 0, 9, dtype=F64)
     y = torch.arange(8) % 5
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
-    run = samplers.sample(
-        guidance.ClassifierFreeGuidance(net, 2.0),
-        schedule,
-        ts,
-        samplers.DDIMStep(0.0),
-        z=z,
-        cond={"labels": y},
-        prediction="v",
-        progress=False,
-    )
+
+    def ddim(model):
+        return samplers.sample(
+            model,
+            schedule,
+            ts,
+            samplers.DDIMStep(0.0),
+            z=z,
+            cond={"labels": y},
+            prediction="v",
+            progress=False,
+        )
+
+    run = ddim(guidance.ClassifierFreeGuidance(net, 2.0))
     assert run.nfe == 16 and net.calls == 16
-    plain = samplers.sample(
-        net, schedule, ts, samplers.DDIMStep(0.0), z=z, cond={"labels": y}, prediction="v", progress=False
-    )
-    at_zero = samplers.sample(
-        guidance.ClassifierFreeGuidance(net, 0.0),
-        schedule,
-        ts,
-        samplers.DDIMStep(0.0),
-        z=z,
-        cond={"labels": y},
-        prediction="v",
-        progress=False,
-    )
+    plain = ddim(net)
+    at_zero = ddim(guidance.ClassifierFreeGuidance(net, 0.0))
     assert plain.nfe == 8 and torch.equal(at_zero.x, plain.x)
 
 
