@@ -454,3 +454,44 @@ register_config(
     small_from_medium={"train.steps": 180, "sample.n": 150, "guide.classifier.train.steps": 60,
                        "guide.stage_one.steps": 40, "guide.stage_two.train.steps": 15},
 )
+
+# Chapter 7 (PDM, Luhman & Luhman 2022): patched UNets on 32 x 32 shapes. "model" is the network of the
+# image ("patched_unet": a UNet on the patch grid of patch_size, patching.patched_unet); the chapter varies
+# model.patch_size (Table 1 in miniature: the same width and number of updates for every P),
+# diffusion.prediction (Sec. 3.2, all at the same sqrt(SNR) weighting) and diffusion.t_range (model
+# splitting, Sec. 4.1). The official code's defaults: DDPM's linear betas, x-prediction with the sqrt(SNR)
+# weighting of eq. (3), P = 4. Its "pdm" entry: the patch sizes of the trade-off, the SNR of the split, the
+# width of the single network of the split's total size, the held-out shapes and the feature classifier
+# (metrics.train_classifier) of the image metrics.
+
+_PDM_DIFFUSION = {"schedule": "linear", "T": 1000, "prediction": "x", "weighting": "sqrt_snr"}
+
+register_config(
+    "pdm_shapes",
+    medium={
+        "architecture": "patched_unet",
+        "data": {"dataset": "shapes", "n": 2000, "resolution": 32},
+        "model": {"patch_size": 4, "in_channels": 1, "image_size": 32, "base_channels": 16,
+                  "channel_mults": (1, 2), "num_res_blocks": 1, "attention_resolutions": (), "dropout": 0.0},
+        "train": {"steps": 300, "batch_size": 32, "lr": 2e-3, "warmup": 50, "ema_decay": 0.99,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_PDM_DIFFUSION),
+        "sample": {"n": 250, "steps": 20},
+        "pdm": {"patch_sizes": (1, 2, 4, 8), "split_snr": 0.25, "wide_base_channels": 24, "held_out": 1000,
+                "classifier": {"steps": 400, "batch_size": 64, "width": 16, "feature_dim": 64}},
+    },
+    full={
+        "architecture": "patched_unet",
+        "data": {"dataset": "shapes", "n": 20000, "resolution": 32},
+        "model": {"patch_size": 4, "in_channels": 1, "image_size": 32, "base_channels": 64,
+                  "channel_mults": (1, 2), "num_res_blocks": 2, "attention_resolutions": (), "dropout": 0.0},
+        "train": {"steps": 20000, "batch_size": 128, "lr": 2e-4, "warmup": 500, "ema_decay": 0.999,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": dict(_PDM_DIFFUSION),
+        "sample": {"n": 2000, "steps": 100},
+        "pdm": {"patch_sizes": (1, 2, 4, 8), "split_snr": 0.25, "wide_base_channels": 96, "held_out": 2000,
+                "classifier": {"steps": 2000, "batch_size": 128, "width": 32, "feature_dim": 64}},
+    },
+    small_from_medium={"data.n": 400, "train.steps": 25, "sample.n": 48, "sample.steps": 8,
+                       "pdm.held_out": 200, "pdm.classifier.steps": 60},
+)

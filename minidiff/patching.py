@@ -26,8 +26,9 @@ from torch import nn
 from .contracts import network_evaluations
 from .schedules import DiscreteSchedule, NoiseSchedule
 
-__all__ = ["check_patch_size", "patchify", "unpatchify", "Patched", "patched_unet_kwargs", "SplitModel",
-           "split_time", "radial_power_spectrum", "high_frequency_fraction", "saved_activation_bytes"]
+__all__ = ["check_patch_size", "patchify", "unpatchify", "Patched", "patched_unet_kwargs", "patched_unet",
+           "SplitModel", "split_time", "radial_power_spectrum", "high_frequency_fraction",
+           "saved_activation_bytes"]
 
 
 def check_patch_size(P, height: int | None = None, width: int | None = None) -> int:
@@ -73,6 +74,16 @@ def patched_unet_kwargs(P: int, in_channels: int, image_size: int, **unet_kwargs
     check_patch_size(P, image_size)
     return dict(unet_kwargs, in_channels=in_channels * P * P, out_channels=in_channels * P * P,
                 image_size=image_size // P)
+
+
+def patched_unet(patch_size: int, in_channels: int, image_size: int, **unet_kwargs) -> Patched:
+    """A UNet on the patch grid of a C x H x H image as a model of the image: ``Patched(UNet(...), P)``
+    with :func:`patched_unet_kwargs` (the "patched_unet" architecture of ``pretrained.build_model``;
+    Chapter 7 §3). ``patch_size`` 1 is a plain UNet behind an identity reshape."""
+    from .nn import UNet
+
+    net = UNet(**patched_unet_kwargs(patch_size, in_channels, image_size, **unet_kwargs))
+    return Patched(net, patch_size)
 
 
 class Patched(nn.Module):

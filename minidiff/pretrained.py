@@ -24,11 +24,12 @@ import torch
 from . import configs, data, diffusion, schedules
 from .cache import cache_dir, cache_lock, load_or_build
 from .nn import MLPDenoiser, UNet
+from .patching import patched_unet
 from .train import labelled_batch, load_config, load_model, save_model, to_device, train
 
 __all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "store", "training_data"]
 
-ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet}
+ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet, "patched_unet": patched_unet}
 
 
 @dataclass
@@ -58,9 +59,16 @@ def training_data(config: dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tens
 
     With ``"labels"`` in the data spec it is a pair (x, labels) for a class-conditional model (Chapter 6):
     digits with their digit (``"labels": "digits"``), or the 25 Gaussians with their grid row
-    (``"labels": "rows"``, the same points as without labels)."""
+    (``"labels": "rows"``, the same points as without labels). Chapter 7's ``"shapes"`` are
+    ``data.shapes(n, resolution)`` drawn with ``seed`` (default 6); ``"labels": "shapes"`` adds the class."""
     spec = config["data"]
     labels = spec.get("labels")
+    if spec["dataset"] == "shapes":
+        if labels not in (None, "shapes"):
+            raise ValueError(f"shapes data takes labels 'shapes' (or none); got {labels!r}.")
+        images, kind = data.shapes(spec["n"], spec["resolution"],
+                                   generator=torch.Generator().manual_seed(spec.get("seed", 6)))
+        return images if labels is None else (images, kind)
     if spec["dataset"] == "digits":
         images, digit = data.digits(size=spec["size"], split=spec.get("split", "train"))
         if labels not in (None, "digits"):
@@ -110,7 +118,8 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
     name_or_config: a config name for ``configs.get_config`` (e.g. "ddpm_toy", "ddpm_digits", chapter 5's
     "pd_toy") or a config dict of the same form; its "diffusion" entry names the schedule (with "T" for a
     discrete one, None for a continuous one), the prediction and the loss weighting of
-    ``diffusion.training_loss``. cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
+    ``diffusion.training_loss``, and optionally its ``t_range`` (one network of a split model, Chapter 7).
+    cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
     """
     config = configs.get_config(name_or_config, size) if isinstance(name_or_config, str) else name_or_config
     diff = config["diffusion"]
@@ -125,7 +134,8 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
         x, cond = labelled_batch(batch)
         return diffusion.training_loss(net, schedule, x, prediction=diff["prediction"],
                                        weighting=diff["weighting"], generator=generator, cond=cond,
-                                       p_uncond=diff.get("p_uncond", 0.0) if cond else 0.0)
+                                       p_uncond=diff.get("p_uncond", 0.0) if cond else 0.0,
+                                       t_range=diff.get("t_range"))
 
     def build(path: Path | None) -> PretrainedModel:
         t0 = time.perf_counter()

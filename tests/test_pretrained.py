@@ -132,3 +132,49 @@ def test_a_conditional_model_trains_with_label_dropout(tmp_path):
     assert len(m.losses) == 3 and guidance.has_null_token(m.model)
     again = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)  # from the cache
     assert again.losses is None
+
+
+def test_a_patched_config_builds_the_unet_of_its_patch_grid():
+    from minidiff import configs, patching, pretrained
+
+    cfg = configs.get_config("pdm_shapes", "small")
+    for P in (1, 2, 4, 8):
+        net = pretrained.build_model(dict(cfg, model=dict(cfg["model"], patch_size=P)))
+        assert isinstance(net, patching.Patched) and net.P == P
+        assert net.net.conv_in.in_channels == P * P  # C P^2 channels in
+        z = torch.randn(2, 1, 32, 32)
+        assert net(z, torch.full((2,), 0.5)).shape == z.shape
+    with pytest.raises(ValueError, match="not divisible"):
+        pretrained.build_model(dict(cfg, model=dict(cfg["model"], patch_size=3)))
+
+
+def test_shapes_training_data_is_seeded_and_takes_labels():
+    from minidiff import configs, data, pretrained
+
+    cfg = configs.shrink(configs.get_config("pdm_shapes", "small"), **{"data.n": 16})
+    x = pretrained.training_data(cfg)
+    same, kind = data.shapes(16, 32, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(x, same)
+    xl, yl = pretrained.training_data(dict(cfg, data=dict(cfg["data"], labels="shapes")))
+    assert torch.equal(xl, same) and torch.equal(yl, kind)
+    with pytest.raises(ValueError, match="shapes"):
+        pretrained.training_data(dict(cfg, data=dict(cfg["data"], labels="digits")))
+
+
+def test_a_split_network_trains_on_its_own_range_of_t(tmp_path, monkeypatch):
+    from minidiff import configs, diffusion, pretrained
+
+    seen = []
+    real = diffusion.training_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("t_range"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "training_loss", spy)
+    cfg = configs.shrink(configs.get_config("pdm_shapes", "small"), **{"train.steps": 2, "data.n": 8})
+    cfg["diffusion"]["t_range"] = (0.4, 1.0)
+    first = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)
+    assert seen == [(0.4, 1.0)] * 2 and first.losses is not None
+    other = dict(cfg, diffusion=dict(cfg["diffusion"], t_range=(0.0, 0.4)))
+    assert pretrained.cache_path(other, tmp_path) != first.path  # its own cache entry
