@@ -227,12 +227,18 @@ class EmpiricalDenoiser(torch.nn.Module):
         return alpha.to(z.device)[:, None], sigma.to(z.device).clamp(min=1e-12)[:, None]
 
     def posterior_weights(self, z: torch.Tensor, t) -> torch.Tensor:
-        """w_n(z_t) = q(x_n | z_t), shape (B, N), rows summing to 1 (all data at once)."""
+        """w_n(z_t) = q(x_n | z_t), shape (B, N), rows summing to 1 (all data at once: B x N floats)."""
         flat, data = self._flat(z), self.data.reshape(len(self.data), -1).to(z.device)
         alpha, sigma = self._coefficients(z, t)
-        sq = ((flat[:, None, :] - alpha[:, :, None] * data[None]) ** 2).sum(-1)               # (B, N)
-        logits = -sq / (2 * sigma**2)
-        return torch.softmax(logits, dim=1)
+        return torch.softmax(self._logits(flat, data, alpha, sigma), dim=1)
+
+    @staticmethod
+    def _logits(flat: torch.Tensor, data: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+                ) -> torch.Tensor:
+        """log w_n up to a constant, -|z - alpha x_n|^2 / (2 sigma^2), (B, N), with
+        |z - alpha x_n|^2 = |z|^2 - 2 alpha z.x_n + alpha^2 |x_n|^2 (no (B, N, D) tensor)."""
+        sq = (flat**2).sum(1, keepdim=True) - 2 * alpha * flat @ data.T + alpha**2 * (data**2).sum(1)[None]
+        return -sq.clamp(min=0) / (2 * sigma**2)
 
     def posterior_mean(self, z: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(x*, eps*) at z (B, ...) and t (scalar or (B,)), float64, in chunks over the data."""
@@ -243,11 +249,7 @@ class EmpiricalDenoiser(torch.nn.Module):
         total = torch.zeros((len(flat), 1), dtype=torch.float64, device=z.device)
         acc = torch.zeros_like(flat)
         for chunk in torch.split(data, self.batch_size):
-            # log w_n up to a constant: -|z - alpha x_n|^2 / (2 sigma^2),
-            # with |z - alpha x_n|^2 = |z|^2 - 2 alpha z.x_n + alpha^2 |x_n|^2
-            sq = ((flat**2).sum(1, keepdim=True) - 2 * alpha * flat @ chunk.T
-                  + alpha**2 * (chunk**2).sum(1)[None])
-            logits = -sq.clamp(min=0) / (2 * sigma**2)
+            logits = self._logits(flat, chunk, alpha, sigma)
             new_top = torch.maximum(top, logits.max(dim=1, keepdim=True).values)
             scale, weights = torch.exp(top - new_top), torch.exp(logits - new_top)
             total = total * scale + weights.sum(1, keepdim=True)

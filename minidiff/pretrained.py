@@ -44,6 +44,7 @@ class PretrainedModel:
     losses: list[float] | None  # None when loaded from the cache
     recorded_seconds: float | None = None  # wall time of the run that trained these weights, also when
     #                                        loaded from the cache (None: cached before it was recorded)
+    recorded_losses: list[float] | None = None  # that run's loss curve, also when loaded from the cache
 
 
 def build_model(config: dict) -> torch.nn.Module:
@@ -144,13 +145,15 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
         seconds = time.perf_counter() - t0
         ema = result.ema_model.eval()
         if path is not None:
-            save_model(ema, path, config={"minidiff_config": config, "train_seconds": seconds})
-        return PretrainedModel(ema, config, schedule, path, seconds, result.losses, seconds)
+            save_model(ema, path, config={"minidiff_config": config, "train_seconds": seconds,
+                                          "losses": result.losses})
+        return PretrainedModel(ema, config, schedule, path, seconds, result.losses, seconds, result.losses)
 
     def load(path: Path) -> PretrainedModel:
         model = load_model(fresh_model(), path)
-        recorded = load_config(path).get("train_seconds")
-        return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None, recorded)
+        meta = load_config(path)
+        return PretrainedModel(model.to(device).eval(), config, schedule, path, 0.0, None,
+                               meta.get("train_seconds"), meta.get("losses"))
 
     if not cache:
         return build(None)

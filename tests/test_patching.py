@@ -152,6 +152,8 @@ def test_x_star_is_the_exact_posterior_mean_and_minimises_the_x_mse(t):
     den = EmpiricalDenoiser(data, schedule)
     w = den.posterior_weights(z, t)
     flat = data.reshape(20, -1)
+    like = torch.exp(-((z.reshape(7, 1, -1) - alpha * flat[None]) ** 2).sum(-1) / (2 * sigma**2))
+    torch.testing.assert_close(w, like / like.sum(1, keepdim=True), rtol=1e-10, atol=1e-14)
 
     def posterior_mse(f):
         return (w * ((f.reshape(7, 1, -1) - flat[None]) ** 2).sum(-1)).sum(1)

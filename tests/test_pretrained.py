@@ -131,7 +131,7 @@ def test_a_conditional_model_trains_with_label_dropout(tmp_path):
     m = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)
     assert len(m.losses) == 3 and guidance.has_null_token(m.model)
     again = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)  # from the cache
-    assert again.losses is None
+    assert again.losses is None and again.recorded_losses == m.losses == m.recorded_losses
 
 
 def test_a_patched_config_builds_the_unet_of_its_patch_grid():
