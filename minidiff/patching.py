@@ -164,10 +164,14 @@ class SplitModel(nn.Module):
         return max(network_evaluations(m) for m in self.models)
 
     def index(self, t) -> torch.Tensor:
-        """The network of each time: k with boundaries[k-1] < t <= boundaries[k] (long, shape of t)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        edges = torch.tensor(self.boundaries, dtype=torch.float64, device=t.device)
-        return torch.bucketize(t, edges, right=False)
+        """The network of each time: k with boundaries[k-1] < t <= boundaries[k] (long, shape of t). The
+        boundaries are rounded to t's own float dtype first, so a float32 t equal to S (as the sampler and the
+        training loss pass it) goes to the network below S, the one trained on it."""
+        t = torch.as_tensor(t)
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        edges = torch.tensor(self.boundaries, dtype=t.dtype, device=t.device)
+        return torch.bucketize(t.contiguous(), edges, right=False)
 
     def forward(self, z: torch.Tensor, t, **cond) -> torch.Tensor:
         t = torch.as_tensor(t, device=z.device)

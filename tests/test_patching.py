@@ -124,6 +124,12 @@ def test_split_model_picks_the_network_of_each_time_on_both_sides_of_the_split()
     net_hi = UNet(**patched_unet_kwargs(2, 1, 4, base_channels=8, channel_mults=(1,)))
     mixed = SplitModel([net_lo, Patched(net_hi, 2)], [0.5])
     assert mixed(z, t).shape == z.shape
+    # at the paper's S = 0.397, float32 0.397 > float64 0.397: it must still go to the network below S
+    S = split_time(get_schedule("linear", T=1000), 0.25)
+    at_S = SplitModel([low, high], [S])
+    for dtype in (torch.float32, torch.float64):
+        t = torch.tensor([S - 1e-3, S, S + 1e-3], dtype=dtype)
+        assert at_S.index(t).tolist() == [0, 0, 1], dtype
     with pytest.raises(ValueError, match="one more network"):
         SplitModel([low], [0.5])
     with pytest.raises(ValueError, match="increasing"):
