@@ -461,8 +461,8 @@ register_config(
 # diffusion.prediction (Sec. 3.2, all at the same sqrt(SNR) weighting) and diffusion.t_range (model
 # splitting, Sec. 4.1). The official code's defaults: DDPM's linear betas, x-prediction with the sqrt(SNR)
 # weighting of eq. (3), P = 4. Its "pdm" entry: the patch sizes of the trade-off, the SNR of the split, the
-# width of the single network of the split's total size, the held-out shapes and the feature classifier
-# (metrics.train_classifier) of the image metrics.
+# width of the single network of the split's total size, a wider P = 4 network of about P = 1's step time,
+# the held-out shapes and the feature classifier (metrics.train_classifier) of the image metrics.
 
 _PDM_DIFFUSION = {"schedule": "linear", "T": 1000, "prediction": "x", "weighting": "sqrt_snr"}
 
@@ -478,6 +478,7 @@ register_config(
         "diffusion": dict(_PDM_DIFFUSION),
         "sample": {"n": 250, "steps": 20},
         "pdm": {"patch_sizes": (1, 2, 4, 8), "split_snr": 0.25, "wide_base_channels": 24, "held_out": 1000,
+                "wide_patched": {"patch_size": 4, "base_channels": 64},
                 "classifier": {"steps": 400, "batch_size": 64, "width": 16, "feature_dim": 64}},
     },
     full={
@@ -490,8 +491,50 @@ register_config(
         "diffusion": dict(_PDM_DIFFUSION),
         "sample": {"n": 2000, "steps": 100},
         "pdm": {"patch_sizes": (1, 2, 4, 8), "split_snr": 0.25, "wide_base_channels": 96, "held_out": 2000,
+                "wide_patched": {"patch_size": 4, "base_channels": 256},
                 "classifier": {"steps": 2000, "batch_size": 128, "width": 32, "feature_dim": 64}},
     },
     small_from_medium={"data.n": 400, "train.steps": 25, "sample.n": 48, "sample.steps": 8,
                        "pdm.held_out": 200, "pdm.classifier.steps": 60},
+)
+
+# Chapter 8 (Patch-DM, Ding et al. 2023): one patch network, trained on 32 x 32 crops of three bundled grey
+# textures with Patch-DM's block loss ("loss": "patch_dm", patch 16: a 2 x 2 block of the padded 3 x 3
+# grid), generates 128 x 128 images. Each training crop has its semantic code ("labels": "index"), dropped
+# with p_uncond for classifier-free guidance. The official code: eps-prediction, DDPM's linear betas, DDIM
+# with 50 steps, w = 0.5. Its "patch_dm" entry: the generated size, the guidance weights of the ablation,
+# the images per seed and the texture classifier of the metrics.
+
+register_config(
+    "patchdm_textures",
+    medium={
+        "architecture": "patch_dm",
+        "data": {"dataset": "texture_crops", "n": 1500, "size": 32, "images": ("brick", "grass", "gravel"),
+                 "grayscale": True, "downscale": 2, "labels": "index"},
+        "model": {"patch": 16, "num_images": 1500, "code_dim": 16, "position": True, "in_channels": 1,
+                  "base_channels": 32, "channel_mults": (1, 2), "num_res_blocks": 1,
+                  "attention_resolutions": (), "dropout": 0.0},
+        "train": {"steps": 1200, "batch_size": 32, "lr": 2e-3, "warmup": 50, "ema_decay": 0.995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": {"schedule": "linear", "T": 1000, "prediction": "eps", "weighting": "eps",
+                      "loss": "patch_dm", "patch": 16, "p_uncond": 0.1},
+        "sample": {"n": 6, "steps": 50, "size": 128},
+        "patch_dm": {"guidance": (0.0, 0.5, 2.0), "classifier": {"steps": 300, "batch_size": 64}},
+    },
+    full={
+        "architecture": "patch_dm",
+        "data": {"dataset": "texture_crops", "n": 6000, "size": 64, "images": ("brick", "grass", "gravel"),
+                 "grayscale": True, "downscale": 1, "labels": "index"},
+        "model": {"patch": 32, "num_images": 6000, "code_dim": 64, "position": True, "in_channels": 1,
+                  "base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2,
+                  "attention_resolutions": (), "dropout": 0.1},
+        "train": {"steps": 30000, "batch_size": 64, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
+                  "grad_clip": 1.0, "seed": 0},
+        "diffusion": {"schedule": "linear", "T": 1000, "prediction": "eps", "weighting": "eps",
+                      "loss": "patch_dm", "patch": 32, "p_uncond": 0.1},
+        "sample": {"n": 16, "steps": 50, "size": 256},
+        "patch_dm": {"guidance": (0.0, 0.5, 2.0), "classifier": {"steps": 1000, "batch_size": 64}},
+    },
+    small_from_medium={"data.n": 300, "model.num_images": 300, "train.steps": 40, "sample.n": 2,
+                       "sample.steps": 10, "sample.size": 64, "patch_dm.classifier.steps": 40},
 )

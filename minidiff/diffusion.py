@@ -40,6 +40,7 @@ __all__ = [
     "predict_v",
     "loss_weight",
     "null_conditioning",
+    "check_mask",
     "precedes",
     "sample_training_times",
     "training_loss",
@@ -372,7 +373,7 @@ def sample_training_times(schedule: NoiseSchedule, batch: int, x: torch.Tensor,
     return (t_max - (t_max - t_min) * u).to(x.device)  # (0, 1]: 1 - u
 
 
-def _check_mask(mask, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def check_mask(mask, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss mask as x's dtype, broadcast to x's shape, and its per-example sum (B,)."""
     mask = torch.as_tensor(mask, device=x.device)
     if mask.ndim != x.ndim or any(m not in (1, n) for m, n in zip(mask.shape, x.shape, strict=True)):
@@ -462,7 +463,7 @@ def training_loss(model, schedule: NoiseSchedule, x: torch.Tensor, prediction: s
     if p_uncond > 0 and not cond:
         raise ValueError("p_uncond > 0 drops the conditioning, but no cond was given; pass cond={...}.")
     if mask is not None:
-        mask, mask_sum = _check_mask(mask, x)
+        mask, mask_sum = check_mask(mask, x)
     if t is None:
         t_range = _check_t_range((0.0, 1.0) if t_range is None else t_range)
         t = sample_training_times(schedule, x.shape[0], x, generator, t_range)

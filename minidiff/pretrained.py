@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import configs, data, diffusion, schedules
+from . import configs, data, diffusion, patchdm, schedules
 from .cache import cache_dir, cache_lock, load_or_build
 from .nn import MLPDenoiser, UNet
 from .patching import patched_unet
@@ -29,7 +29,8 @@ from .train import labelled_batch, load_config, load_model, save_model, to_devic
 
 __all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "store", "training_data"]
 
-ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet, "patched_unet": patched_unet}
+ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet, "patched_unet": patched_unet,
+                 "patch_dm": patchdm.PatchDenoiser}
 
 
 @dataclass
@@ -64,6 +65,14 @@ def training_data(config: dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tens
     ``data.shapes(n, resolution)`` drawn with ``seed`` (default 6); ``"labels": "shapes"`` adds the class."""
     spec = config["data"]
     labels = spec.get("labels")
+    if spec["dataset"] == "texture_crops":   # Chapter 8: crops of bundled photos, with their index (codes)
+        if labels not in (None, "index"):
+            raise ValueError(f"texture crops take labels 'index' (or none); got {labels!r}.")
+        crops = data.photo_crops(spec["n"], spec["size"], tuple(spec["images"]),
+                                 grayscale=spec.get("grayscale", True),
+                                 generator=torch.Generator().manual_seed(spec.get("seed", 6)),
+                                 downscale=spec.get("downscale", 1))
+        return crops if labels is None else (crops, torch.arange(spec["n"]))
     if spec["dataset"] == "shapes":
         if labels not in (None, "shapes"):
             raise ValueError(f"shapes data takes labels 'shapes' (or none); got {labels!r}.")
@@ -132,6 +141,13 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
             return build_model(config)
 
     def loss_fn(net, batch, generator):
+        if diff.get("loss") == "patch_dm":      # Chapter 8: Patch-DM's block loss, with the images' codes
+            x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            cond = {"latent": net.code(index)} if getattr(net, "codes", None) is not None else None
+            return patchdm.patch_dm_loss(net, schedule, x, diff["patch"], prediction=diff["prediction"],
+                                         weighting=diff["weighting"], generator=generator, cond=cond,
+                                         p_uncond=diff.get("p_uncond", 0.0) if cond else 0.0,
+                                         p_drop_position=diff.get("p_drop_position", 0.0))
         x, cond = labelled_batch(batch)
         return diffusion.training_loss(net, schedule, x, prediction=diff["prediction"],
                                        weighting=diff["weighting"], generator=generator, cond=cond,

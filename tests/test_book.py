@@ -35,6 +35,7 @@ PAGES = {
     "chapter 4": "notebooks/04_ddgan.html",
     "chapter 5": "notebooks/05_progressive_distillation.html",
     "chapter 6": "notebooks/06_guidance.html",
+    "chapter 7": "notebooks/07_patching.html",
 }
 SCREENSHOTS = {"intro": "book/intro.html", "chapter 1": "notebooks/01_ddpm.html",
                "chapter 2": "notebooks/02_ddim.html"}

@@ -191,6 +191,11 @@ class UNet(nn.Module):
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
         self.num_res_blocks = num_res_blocks
 
+    def embed(self, t, batch_size: int, **cond) -> torch.Tensor:
+        """The embedding of t and the conditioning that every block reads (what ``encode`` returns as emb).
+        Patch-DM's decoder takes the embedding of other positions than its encoder (Chapter 8)."""
+        return self.embedding(t, batch_size=batch_size, **cond)
+
     def encode(self, x: torch.Tensor, t, **cond) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Embedding, encoder and bottleneck: returns (h, skips, emb) for ``decode``."""
         if x.ndim != 4:
@@ -203,7 +208,7 @@ class UNet(nn.Module):
                 f"image size {h}x{w} must be divisible by 2**(levels-1) = {self.factor}; "
                 f"pad or crop the images or use fewer channel_mults"
             )
-        emb = self.embedding(t, batch_size=b, **cond)
+        emb = self.embed(t, batch_size=b, **cond)
         h = self.conv_in(x)
         skips = []
         for j, (block, attn) in enumerate(zip(self.down_blocks, self.down_attn, strict=True)):
