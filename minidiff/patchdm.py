@@ -142,11 +142,11 @@ def _time(t, z: torch.Tensor, times: int) -> torch.Tensor:
 
 
 def _with_position(cond: dict, position: torch.Tensor, batch: int, use_position: bool) -> dict:
-    if not use_position:
-        return cond
-    pos = position.repeat(batch, 1)
-    if "position" in cond and cond["position"] is not None:  # a NaN row per image drops it (guidance)
-        drop = torch.isnan(cond["position"]).any(dim=-1).repeat_interleave(len(position))
+    if not use_position:    # a network without position embedding: a "position" entry only marks dropping
+        return {k: v for k, v in cond.items() if k != "position"}
+    pos = position.repeat(batch, 1)                       # image by image, as _repeat lays out the patches
+    if "position" in cond and cond["position"] is not None:  # a NaN row per image (repeated) drops it
+        drop = torch.isnan(cond["position"]).any(dim=-1)
         pos = torch.where(drop[:, None], torch.full_like(pos, float("nan")), pos)
     return dict(cond, position=pos)
 
@@ -224,21 +224,54 @@ class FeatureCollage(_PatchSampler):
     through the encoder (positions 0..R); the bottleneck output and every skip collaged (:func:`collage`)
     into the features of the R x C shifted patches; the decoder (positions + 0.5) predicts them. The shifted
     patches are the image's own grid, so their predictions tile the image exactly. One network evaluation
-    (encoder and decoder once per patch) per call."""
+    (encoder and decoder once per patch) per call.
+
+    stream=True encodes one row of the padded grid at a time and keeps the features of two rows: the same
+    output, with memory that grows with the image's width only (Chapter 8 §1)."""
+
+    def __init__(self, net, patch: int, stream: bool = False):
+        super().__init__(net, patch)
+        self.stream = stream
+
+    def _encode(self, patches, t, cond, positions, batch):
+        c = _with_position(_repeat(cond, len(positions)), positions, batch, self.use_position)
+        h, skips, _ = self.net.encode(patches, t.repeat_interleave(len(positions)) if t.ndim else t, **c)
+        return [h, *skips]
+
+    def _decode(self, feats, t, cond, positions, batch):
+        c = _with_position(_repeat(cond, len(positions)), positions, batch, self.use_position)
+        t_out = t.repeat_interleave(len(positions))
+        return self.net.decode(feats[0], feats[1:], self.net.embed(t_out, batch_size=len(t_out), **c))
 
     def forward(self, z: torch.Tensor, t, **cond) -> torch.Tensor:
         rows, cols = self._layout(z)
-        padded = to_patches(pad_half(z, self.patch), self.patch)
-        n_in, n_out = (rows + 1) * (cols + 1), rows * cols
-        pos_in = patch_positions(rows + 1, cols + 1, rows, cols, 0.0, z.device)     # centres 0..R
-        pos_out = patch_positions(rows, cols, rows, cols, 0.5, z.device)           # centres + 0.5
-        c_in = _with_position(_repeat(cond, n_in), pos_in, len(z), self.use_position)
-        c_out = _with_position(_repeat(cond, n_out), pos_out, len(z), self.use_position)
-        h, skips, _ = self.net.encode(padded, _time(t, z, n_in), **c_in)
-        t_out = _time(t, z, n_out)
-        emb = self.net.embed(t_out, batch_size=len(t_out), **c_out)
-        out = self.net.decode(collage(h, rows, cols), [collage(s, rows, cols) for s in skips], emb)
-        return from_patches(out, rows, cols)
+        p, B = self.patch, len(z)
+        t = torch.as_tensor(t, device=z.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        padded = pad_half(z, p)
+        pos_in = patch_positions(rows + 1, cols + 1, rows, cols, 0.0, z.device)       # centres 0..R
+        pos_out = patch_positions(rows, cols, rows, cols, 0.5, z.device)              # centres + 0.5
+        if not self.stream:
+            feats = self._encode(to_patches(padded, p), t, cond, pos_in, B)
+            out = self._decode([collage(f, rows, cols) for f in feats], t, cond, pos_out, B)
+            return from_patches(out, rows, cols)
+
+        def encode_row(r):                         # padded-grid row r: B x (cols + 1) patches
+            strip = padded[:, :, r * p:(r + 1) * p]
+            return self._encode(to_patches(strip, p), t, cond, pos_in[r * (cols + 1):(r + 1) * (cols + 1)], B)
+
+        def two_rows(a, b):                        # rows r and r+1 as one 2 x (cols + 1) grid per image
+            a, b = (f.reshape(B, cols + 1, *f.shape[1:]) for f in (a, b))
+            return torch.stack([a, b], dim=1).reshape(B * 2 * (cols + 1), *a.shape[2:])
+
+        out_rows, above = [], encode_row(0)
+        for i in range(rows):
+            below = encode_row(i + 1)
+            feats = [collage(two_rows(a, b), 1, cols) for a, b in zip(above, below, strict=True)]
+            out = self._decode(feats, t, cond, pos_out[i * cols:(i + 1) * cols], B)
+            out_rows.append(from_patches(out, 1, cols))
+            above = below
+        return torch.cat(out_rows, dim=2)
 
 
 class OverlapAverage(_PatchSampler):

@@ -17,6 +17,8 @@ The optimal denoiser x* of a data set (eq. (4)) is ``analytic.EmpiricalDenoiser`
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -28,7 +30,7 @@ from .schedules import DiscreteSchedule, NoiseSchedule
 
 __all__ = ["check_patch_size", "patchify", "unpatchify", "Patched", "patched_unet_kwargs", "patched_unet",
            "SplitModel", "split_time", "radial_power_spectrum", "high_frequency_fraction",
-           "saved_activation_bytes"]
+           "saved_activation_bytes", "peak_allocated_bytes"]
 
 
 def check_patch_size(P, height: int | None = None, width: int | None = None) -> int:
@@ -260,3 +262,39 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor], exclude: Iterabl
         loss = loss_fn()
     loss.backward()
     return sum(seen.values())
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what native code writes to file descriptor 2 (the profiler's start/stop lines); Python's own
+    warnings and errors are unaffected."""
+    try:
+        saved = os.dup(2)
+    except OSError:          # no file descriptor 2 to redirect
+        yield
+        return
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """The peak of the bytes allocated while ``fn()`` runs, above what was allocated before it. PyTorch's
+    profiler attributes every allocation to the operator that made it and records frees as [memory] events;
+    their running sum, in the order the events start, is the live memory. Measures sampling (no_grad)
+    memory, where nothing is saved for a backward pass (Chapter 8 §1)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with _quiet_native_stderr(), profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage + getattr(e, "self_device_memory_usage", 0)
+        peak = max(peak, live)
+    return int(peak)

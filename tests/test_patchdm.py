@@ -103,6 +103,7 @@ def test_feature_collage_reproduces_the_full_image_network_at_every_resolution()
         collaged = from_patches(collage(patched, rows, cols), rows, cols)
         torch.testing.assert_close(collaged, full, rtol=0, atol=1e-12)
     torch.testing.assert_close(FeatureCollage(net, p)(z, t), net(z, t), rtol=0, atol=1e-12)
+    torch.testing.assert_close(FeatureCollage(net, p, stream=True)(z, t), net(z, t), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", [NaivePatches, OverlapAverage, "shifted"])
@@ -129,6 +130,9 @@ def test_a_real_unet_breaks_the_naive_split_but_the_collage_has_the_full_image_s
             out = model(z, 0.5)
         assert out.shape == z.shape and bool(torch.isfinite(out).all())
     assert OverlapAverage(net, 8).nfe_per_call == 4 and FeatureCollage(net, 8).nfe_per_call == 1
+    with torch.no_grad():   # row by row, the same output as all patches at once
+        streamed, at_once = FeatureCollage(net, 8, stream=True)(z, 0.5), FeatureCollage(net, 8)(z, 0.5)
+    torch.testing.assert_close(streamed, at_once)
     run = samplers.sample(FeatureCollage(net, 8), schedules.get_schedule("linear", T=1000),
                           schedules.respace(1000, 3, "trailing"), samplers.DDIMStep(0.0), z=z, progress=False)
     assert run.x.shape == z.shape and run.nfe == 3

@@ -223,3 +223,16 @@ def test_patching_divides_the_saved_activation_memory():
 
     m1, m4 = memory(1), memory(4)
     assert m1 > 0 and m1 / m4 > 3.5
+
+
+def test_peak_allocated_bytes_sees_a_temporary_allocation():
+    from minidiff.patching import peak_allocated_bytes
+
+    def make_and_drop():
+        a = torch.empty(1_000_000)           # 4 MB, freed before the next one
+        del a
+        b = torch.empty(500_000)
+        return float(b.sum() * 0)
+
+    peak = peak_allocated_bytes(make_and_drop)
+    assert 4_000_000 <= peak < 7_000_000
