@@ -36,6 +36,7 @@ PAGES = {
     "chapter 5": "notebooks/05_progressive_distillation.html",
     "chapter 6": "notebooks/06_guidance.html",
     "chapter 7": "notebooks/07_patching.html",
+    "chapter 8": "notebooks/08_patch_dm.html",
 }
 SCREENSHOTS = {"intro": "book/intro.html", "chapter 1": "notebooks/01_ddpm.html",
                "chapter 2": "notebooks/02_ddim.html"}

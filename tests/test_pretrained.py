@@ -178,3 +178,23 @@ def test_a_split_network_trains_on_its_own_range_of_t(tmp_path, monkeypatch):
     assert seen == [(0.4, 1.0)] * 2 and first.losses is not None
     other = dict(cfg, diffusion=dict(cfg["diffusion"], t_range=(0.0, 0.4)))
     assert pretrained.cache_path(other, tmp_path) != first.path  # its own cache entry
+
+
+def test_a_patch_dm_config_trains_with_its_block_loss_and_codes(tmp_path, monkeypatch):
+    from minidiff import configs, patchdm, pretrained
+
+    calls = []
+    real = patchdm.patch_dm_loss
+
+    def spy(net, schedule, x, patch, **kwargs):
+        calls.append((x.shape, patch, kwargs["cond"]["latent"].shape, kwargs["p_uncond"]))
+        return real(net, schedule, x, patch, **kwargs)
+
+    monkeypatch.setattr(patchdm, "patch_dm_loss", spy)
+    cfg = configs.shrink(configs.get_config("patchdm_textures", "small"),
+                         **{"train.steps": 2, "train.batch_size": 4, "data.n": 8, "model.num_images": 8})
+    m = pretrained.ddpm_model(cfg, cache=tmp_path, progress=False)
+    assert isinstance(m.model, patchdm.PatchDenoiser) and len(m.losses) == 2
+    assert calls[0] == ((4, 1, 32, 32), 16, (4, cfg["model"]["code_dim"]), 0.1)
+    crops, index = pretrained.training_data(cfg)
+    assert crops.shape == (8, 1, 32, 32) and torch.equal(index, torch.arange(8))
