@@ -235,7 +235,7 @@ class FeatureCollage(_PatchSampler):
 
     def _encode(self, patches, t, cond, positions, batch):
         c = _with_position(_repeat(cond, len(positions)), positions, batch, self.use_position)
-        h, skips, _ = self.net.encode(patches, t.repeat_interleave(len(positions)) if t.ndim else t, **c)
+        h, skips, _ = self.net.encode(patches, t.repeat_interleave(len(positions)), **c)
         return [h, *skips]
 
     def _decode(self, feats, t, cond, positions, batch):
