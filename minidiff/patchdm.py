@@ -55,8 +55,8 @@ from .diffusion import (
 from .schedules import NoiseSchedule
 
 __all__ = ["check_patch_layout", "pad_half", "crop_half", "to_patches", "from_patches", "patch_positions",
-           "collage", "NaivePatches", "ShiftedWindows", "FeatureCollage", "OverlapAverage", "SemanticCodes",
-           "PatchDenoiser", "patch_dm_loss", "seam_score"]
+           "collage", "collage_windows", "NaivePatches", "ShiftedWindows", "FeatureCollage", "OverlapAverage",
+           "SemanticCodes", "PatchDenoiser", "patch_dm_loss", "seam_score"]
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -127,6 +127,16 @@ def collage(features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     q = features.shape[-1]
     grid = from_patches(features, rows + 1, cols + 1)
     return to_patches(crop_half(grid, q), q)
+
+
+def collage_windows(features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The uncropped version of :func:`collage` (the book's margin variant, Chapter 8 §5): features
+    (B (rows+1) (cols+1), ch, q, q) of the padded grid's patches -> (B rows cols, ch, 2q, 2q), for each
+    shifted patch its 4 neighbours arranged on their 2 x 2 grid. The shifted patch is its centre q x q."""
+    q = features.shape[-1]
+    grid = from_patches(features, rows + 1, cols + 1)
+    windows = F.unfold(grid, 2 * q, stride=q)                      # (B, ch 2q 2q, rows cols)
+    return rearrange(windows, "b (c p1 p2) n -> (b n) c p1 p2", p1=2 * q, p2=2 * q)
 
 
 def _repeat(cond: dict, times: int) -> dict:
@@ -226,12 +236,27 @@ class FeatureCollage(_PatchSampler):
     patches are the image's own grid, so their predictions tile the image exactly. One network evaluation
     (encoder and decoder once per patch) per call.
 
+    The decoder still pads each shifted patch with zeros, at the borders of the image's grid, which the
+    collage does not reach. ``margin=True`` (the book's diagnostic, not the paper's method) decodes instead
+    the uncropped 2 x 2 arrangement (:func:`collage_windows`, a 2p x 2p window) and keeps its centre p x p,
+    so the decoder's zero padding falls p/2 outside every kept pixel, at 4 times the decoder's cost.
+
     stream=True encodes one row of the padded grid at a time and keeps the features of two rows: the same
     output, with memory that grows with the image's width only (Chapter 8 §1)."""
 
-    def __init__(self, net, patch: int, stream: bool = False):
+    def __init__(self, net, patch: int, stream: bool = False, margin: bool = False):
         super().__init__(net, patch)
-        self.stream = stream
+        self.stream, self.margin = stream, margin
+
+    def _gather(self, features, rows, cols):
+        return (collage_windows if self.margin else collage)(features, rows, cols)
+
+    def _keep(self, out, rows, cols):
+        """The decoder's outputs (B rows cols, C, p, p) (margin: their centres) tiled into the image."""
+        if self.margin:
+            half = self.patch // 2
+            out = out[..., half:half + self.patch, half:half + self.patch]
+        return from_patches(out, rows, cols)
 
     def _encode(self, patches, t, cond, positions, batch):
         c = _with_position(_repeat(cond, len(positions)), positions, batch, self.use_position)
@@ -253,8 +278,8 @@ class FeatureCollage(_PatchSampler):
         pos_out = patch_positions(rows, cols, rows, cols, 0.5, z.device)              # centres + 0.5
         if not self.stream:
             feats = self._encode(to_patches(padded, p), t, cond, pos_in, B)
-            out = self._decode([collage(f, rows, cols) for f in feats], t, cond, pos_out, B)
-            return from_patches(out, rows, cols)
+            out = self._decode([self._gather(f, rows, cols) for f in feats], t, cond, pos_out, B)
+            return self._keep(out, rows, cols)
 
         def encode_row(r):                         # padded-grid row r: B x (cols + 1) patches
             strip = padded[:, :, r * p:(r + 1) * p]
@@ -267,9 +292,9 @@ class FeatureCollage(_PatchSampler):
         out_rows, above = [], encode_row(0)
         for i in range(rows):
             below = encode_row(i + 1)
-            feats = [collage(two_rows(a, b), 1, cols) for a, b in zip(above, below, strict=True)]
+            feats = [self._gather(two_rows(a, b), 1, cols) for a, b in zip(above, below, strict=True)]
             out = self._decode(feats, t, cond, pos_out[i * cols:(i + 1) * cols], B)
-            out_rows.append(from_patches(out, 1, cols))
+            out_rows.append(self._keep(out, 1, cols))
             above = below
         return torch.cat(out_rows, dim=2)
 
@@ -463,17 +488,21 @@ def patch_dm_loss(net, schedule: NoiseSchedule, x: torch.Tensor, patch: int, pre
 # ----------------------------------------------------------------------------- seams
 
 
-def seam_score(images: torch.Tensor, patch: int) -> float:
-    """Mean |difference of neighbouring pixels| across the patch grid's borders over the same inside the
-    patches (both directions, all channels; Chapter 8 §4). A seamless image scores like real images (about
-    1 for borders that fall at random places); visible seams score above it."""
+def seam_score(images: torch.Tensor, patch: int, offset: int = 0) -> float:
+    """Mean |difference of neighbouring pixels| across the borders of the patch grid over the same inside the
+    patches (both directions, all channels; Chapter 8 §4). ``offset`` shifts the grid by that many pixels:
+    offset = p/2 scores the half-shifted grid, where the collage's encoder patches meet and where
+    ShiftedWindows decodes every other step. A seamless image scores like real images (about 1 for borders
+    that fall at random places); visible seams score above it."""
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}.")
     check_patch_layout(images.shape[2], images.shape[3], patch)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < patch:
+        raise ValueError(f"offset must be an integer in 0..{patch - 1} (pixels); got {offset!r}.")
     dx = (images[..., :, 1:] - images[..., :, :-1]).abs()      # between column j and j+1
     dy = (images[..., 1:, :] - images[..., :-1, :]).abs()
-    border_x = (torch.arange(1, images.shape[3]) % patch == 0)  # column j+1 starts a patch
-    border_y = (torch.arange(1, images.shape[2]) % patch == 0)
+    border_x = ((torch.arange(1, images.shape[3]) - offset) % patch == 0)  # column j+1 starts a patch
+    border_y = ((torch.arange(1, images.shape[2]) - offset) % patch == 0)
     across = torch.cat([dx[..., border_x].flatten(), dy[..., border_y, :].flatten()])
     within = torch.cat([dx[..., ~border_x].flatten(), dy[..., ~border_y, :].flatten()])
     return float(across.double().mean() / within.double().mean().clamp(min=1e-12))

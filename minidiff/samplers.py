@@ -17,7 +17,9 @@ schedule, with bit-for-bit the same numbers.
 Step rules here: :class:`DDPMStep` (ancestral), :class:`DDIMStep` (Song et al. 2021, eq. (12);
 per-example times too), :class:`AncestralGammaStep` (Salimans & Ho 2022, eqs. (4)-(5)) and solvers
 of the probability-flow ODE (eqs. (6)-(9)): :class:`EulerStep`, :class:`HeunStep` (Karras et al.
-2022) and :class:`DPMSolverPP2MStep` (Lu et al. 2022b). With ``sample(..., increasing=True)`` an
+2022) and :class:`DPMSolverPP2MStep` (Lu et al. 2022b); and of the reverse-time SDE (Song et al. 2021,
+eq. (6)): :class:`ReverseSDEStep` (Euler-Maruyama) and :class:`PredictorCorrectorStep` (Langevin corrector).
+With ``sample(..., increasing=True)`` an
 ``invertible`` step rule (deterministic DDIM) walks from data to noise: :func:`ddim_invert`.
 """
 
@@ -52,8 +54,12 @@ __all__ = [
     "EulerStep",
     "HeunStep",
     "DPMSolverPP2MStep",
+    "ReverseSDEStep",
+    "PredictorCorrectorStep",
     "ddim_update",
     "probability_flow_velocity",
+    "reverse_sde_drift",
+    "diffusion_coefficient_sq",
     "ddpm_timesteps",
     "sample",
     "ddim_invert",
@@ -307,6 +313,101 @@ class HeunStep:
         d_s = probability_flow_velocity(schedule, s, x_2, eps_2, side="right")
         # 5. the trapezoid: the mean of the two slopes (line 8), z_t + h (d_t + d_s) / 2 (in place, same bits)
         return z_t + d_t.add_(d_s).mul_(h * 0.5)
+
+
+def reverse_sde_drift(schedule: NoiseSchedule, t, x_hat: torch.Tensor, eps_hat: torch.Tensor, *,
+                      side: str = "left") -> torch.Tensor:
+    """The drift of the reverse-time SDE (Song et al. 2021, eq. (6); Chapter 3 §5) at time t,
+
+        dz = [f z - g^2 score] dt + g dw-bar,  score = -eps-hat / sigma (Salimans & Ho 2022, eq. (7)),
+
+    with f, g^2 as in :func:`probability_flow_velocity`. The probability-flow ODE (Song et al. eq. (13))
+    has the same f z and half the score term, so the drift is the ODE's velocity plus the other half:
+    f z - g^2 score = dz/dt_ODE + (g^2 / 2) eps-hat / sigma, and with g^2 = -sigma^2 lambda'
+
+        drift = alpha'_t x-hat + sigma'_t eps-hat - (sigma_t lambda'_t / 2) eps-hat.
+    """
+    velocity = probability_flow_velocity(schedule, t, x_hat, eps_hat, side=side)
+    sigma = schedule.sigma(_scalar(t))
+    dlam = schedule.dlogsnr_dt(_scalar(t), side=side)
+    return velocity.sub_(scale_for(0.5 * sigma * dlam, eps_hat) * eps_hat)
+
+
+def diffusion_coefficient_sq(schedule: NoiseSchedule, t, *, side: str = "left") -> torch.Tensor:
+    """g(t)^2 = d sigma^2/dt - 2 f sigma^2 = -sigma_t^2 lambda'_t (Salimans & Ho 2022, eq. (9); Song et al.
+    2021, eq. (5)): the forward SDE's noise rate, and the reverse SDE's (Chapter 3 §5)."""
+    return -schedule.sigma(_scalar(t)) ** 2 * schedule.dlogsnr_dt(_scalar(t), side=side)
+
+
+@dataclass(frozen=True)
+class ReverseSDEStep:
+    """Euler-Maruyama on the reverse-time SDE (Song et al. 2021, eq. (6); Chapter 3 §5): with h = s - t < 0,
+
+        z_s = z_t + h drift(z_t, t) + g(t) sqrt(-h) xi,  xi ~ N(0, I)
+
+    (:func:`reverse_sde_drift`, :func:`diffusion_coefficient_sq`). A step to sigma_s = 0 returns
+    alpha_s x-hat with no noise (the last "denoising" step of Song et al.'s code). 1 NFE per step.
+    To first order in h it is the ancestral step :class:`DDPMStep`: both have mean and variance that agree
+    up to O(h^2) (tests/test_samplers_sde.py), so the ancestral sampler converges to this SDE."""
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
+        alpha_s, sigma_s = schedule.alpha_sigma(_scalar(s))
+        if float(sigma_s) == 0:
+            return expand_like(alpha_s, z_t) * x_hat
+        h = float(s) - float(t)
+        z_s = z_t + h * reverse_sde_drift(schedule, t, x_hat, eps_hat)
+        noise = _noise(scale_for((diffusion_coefficient_sq(schedule, t) * -h).sqrt(), z_t), _scalar(s), z_t,
+                       generator)
+        return z_s if noise is None else z_s + noise            # no noise at s = 0
+
+
+@dataclass(frozen=True)
+class PredictorCorrectorStep:
+    """Predictor-corrector sampling (Song et al. 2021, Algorithm 1, with the Langevin corrector of
+    Algorithms 4-5; Chapter 3 §5): the predictor's step from t to s, then `corrector_steps` Langevin steps
+    at s, each with one network call:
+
+        score = -eps-hat(z, s) / sigma_s,  epsilon = 2 alpha_i (snr ||xi|| / ||score||)^2,
+        z <- z + epsilon score + sqrt(2 epsilon) xi,
+
+    the norms per example (Song et al.'s code averages them over the batch; per example, a sample does not
+    depend on the others in its batch) and alpha_i, Algorithm 5's 1 - beta_i (the VP form;
+    alpha_i = alpha_t^2 / alpha_s^2 on a respaced grid). No correction at sigma_s = 0.
+    1 + corrector_steps NFE per step."""
+
+    predictor: object = ReverseSDEStep()
+    corrector_steps: int = 1
+    snr: float = 0.16
+
+    needs_denoise = True
+
+    def __post_init__(self):
+        if isinstance(self.corrector_steps, bool) or not isinstance(self.corrector_steps, int) \
+                or self.corrector_steps < 0:
+            raise ValueError(f"corrector_steps must be an integer >= 0; got {self.corrector_steps!r}.")
+        if not self.snr > 0:
+            raise ValueError(f"snr must be > 0 (Song et al. use 0.16 on CIFAR-10); got {self.snr!r}.")
+        if needs_denoise(self.predictor) or init_state(self.predictor) is not None:
+            raise ValueError("the predictor must be a one-call step rule without extra calls or state "
+                             "(e.g. ReverseSDEStep(), DDPMStep(), DDIMStep()).")
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None, *, denoise=None):
+        z = self.predictor(z_t, t, s, x_hat, eps_hat, schedule, generator)
+        alpha_s, sigma_s = schedule.alpha_sigma(_scalar(s))
+        if float(sigma_s) == 0 or self.corrector_steps == 0:
+            return z
+        if denoise is None:
+            raise ValueError("PredictorCorrectorStep needs the loop's denoise= function "
+                             "(use it through samplers.sample).")
+        alpha_i = float((schedule.alpha(_scalar(t)) / alpha_s) ** 2)       # 1 - beta of the step, <= 1
+        for _ in range(self.corrector_steps):
+            _, eps = denoise(z, s)
+            score = eps / -expand_like(sigma_s, z)
+            xi = randn_like(z, generator)
+            ratio = xi.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp(min=1e-12)
+            epsilon = expand_like(2 * alpha_i * (self.snr * ratio) ** 2, z)
+            z = z + epsilon * score + (2 * epsilon).sqrt() * xi
+        return z
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from minidiff.patchdm import (
     ShiftedWindows,
     check_patch_layout,
     collage,
+    collage_windows,
     crop_half,
     from_patches,
     pad_half,
@@ -104,6 +105,32 @@ def test_feature_collage_reproduces_the_full_image_network_at_every_resolution()
         torch.testing.assert_close(collaged, full, rtol=0, atol=1e-12)
     torch.testing.assert_close(FeatureCollage(net, p)(z, t), net(z, t), rtol=0, atol=1e-12)
     torch.testing.assert_close(FeatureCollage(net, p, stream=True)(z, t), net(z, t), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_margin_collage_is_exact_and_keeps_the_centre_of_each_window(stream):
+    net, p, z, t = PixelwiseUNet(), 16, image(), torch.tensor([0.3, 0.7], dtype=F64)
+    torch.testing.assert_close(FeatureCollage(net, p, stream=stream, margin=True)(z, t), net(z, t),
+                               rtol=0, atol=1e-12)
+    ids = torch.arange(3 * 8 * 5 * 8, dtype=F64).reshape(1, 1, 24, 40) + 1
+    windows = collage_windows(to_patches(pad_half(ids, 8), 8), 3, 5)
+    assert windows.shape == (15, 1, 16, 16)
+    assert torch.equal(from_patches(windows[..., 4:12, 4:12], 3, 5), ids)   # the centres: the shifted patches
+    assert torch.equal(windows[6, 0, 4:12, :12], ids[0, 0, 8:16, 4:16])    # a margin of p/2: its neighbours
+
+
+def test_the_margin_collage_differs_from_the_collage_for_a_real_unet():
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2), image_size=8, position_embedding=True)
+    for param in net.parameters():                 # the output layer starts at zero: give it weights
+        torch.nn.init.normal_(param, std=0.3)
+    z = torch.randn(1, 1, 16, 24)
+    with torch.no_grad():
+        margin, plain = FeatureCollage(net, 8, margin=True)(z, 0.5), FeatureCollage(net, 8)(z, 0.5)
+        streamed = FeatureCollage(net, 8, margin=True, stream=True)(z, 0.5)
+    assert margin.shape == z.shape and bool(torch.isfinite(margin).all())
+    assert not torch.allclose(margin, plain)
+    torch.testing.assert_close(streamed, margin)
 
 
 @pytest.mark.parametrize("method", [NaivePatches, OverlapAverage, "shifted"])
@@ -231,3 +258,13 @@ def test_seam_score_is_about_one_for_real_textures_and_large_for_tiles():
     assert seam_score(tiles, 16) > 2
     with pytest.raises(ValueError, match="not a multiple"):
         seam_score(real, 24)
+
+
+def test_seam_score_offset_finds_seams_on_the_half_shifted_grid():
+    tiles = torch.zeros(1, 1, 32, 32)
+    tiles[..., 8:24, 8:24] = 1.0                     # one square with edges at 8 and 24: the p/2-shifted grid
+    tiles = tiles + 0.01 * torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert seam_score(tiles, 16, offset=8) > 5 * seam_score(tiles, 16)
+    for bad in (-1, 16, 2.0, True):
+        with pytest.raises(ValueError, match="offset must be an integer"):
+            seam_score(tiles, 16, offset=bad)
