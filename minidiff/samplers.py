@@ -370,9 +370,9 @@ class PredictorCorrectorStep:
         score = -eps-hat(z, s) / sigma_s,  epsilon = 2 alpha_i (snr ||xi|| / ||score||)^2,
         z <- z + epsilon score + sqrt(2 epsilon) xi,
 
-    the norms per example (Song et al.'s code averages them over the batch; per example, a sample does not
-    depend on the others in its batch) and alpha_i, Algorithm 5's 1 - beta_i (the VP form;
-    alpha_i = alpha_t^2 / alpha_s^2 on a respaced grid). No correction at sigma_s = 0.
+    the norms averaged over the batch, as in Song et al.'s code (per example, a sample near a mode, where
+    the score is near 0, would take a huge step in low dimension), and alpha_i, Algorithm 5's 1 - beta_i
+    (the VP form; alpha_i = alpha_t^2 / alpha_s^2 on a respaced grid). No correction at sigma_s = 0.
     1 + corrector_steps NFE per step."""
 
     predictor: object = ReverseSDEStep()
@@ -404,9 +404,9 @@ class PredictorCorrectorStep:
             _, eps = denoise(z, s)
             score = eps / -expand_like(sigma_s, z)
             xi = randn_like(z, generator)
-            ratio = xi.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp(min=1e-12)
-            epsilon = expand_like(2 * alpha_i * (self.snr * ratio) ** 2, z)
-            z = z + epsilon * score + (2 * epsilon).sqrt() * xi
+            ratio = xi.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp(min=1e-12)
+            epsilon = 2 * alpha_i * (self.snr * ratio) ** 2
+            z = z + epsilon * score + (2 * epsilon) ** 0.5 * xi
         return z
 
 

@@ -39,6 +39,8 @@ METHOD_COLORS = {
     "euler": "#bcbd22",
     "heun": "#7f7f7f",
     "dpm_solver": "#393b79",
+    "reverse_sde": "#637939",
+    "predictor_corrector": "#e7969c",
     "ancestral": "#1f77b4",
     "gan": "#ad494a",
     "ddpm_few_steps": "#9ecae1",

@@ -167,12 +167,21 @@ def test_nfe_counts_network_evaluations_of_a_two_call_wrapper():
 def test_the_contracts_are_protocols():
     from minidiff import contracts
     from minidiff.nn import MLPDenoiser
-    from minidiff.samplers import AncestralGammaStep, DDIMStep, DPMSolverPP2MStep, EulerStep, HeunStep
+    from minidiff.samplers import (
+        AncestralGammaStep,
+        DDIMStep,
+        DPMSolverPP2MStep,
+        EulerStep,
+        HeunStep,
+        PredictorCorrectorStep,
+        ReverseSDEStep,
+    )
 
     for step in (DDPMStep(), DDIMStep(0.5), AncestralGammaStep(0.3), EulerStep(), HeunStep(),
-                 DPMSolverPP2MStep(), TwoCallStep()):
+                 DPMSolverPP2MStep(), TwoCallStep(), ReverseSDEStep(), PredictorCorrectorStep()):
         assert isinstance(step, contracts.StepRule)
     assert isinstance(HeunStep(), contracts.DenoisingStepRule) and contracts.needs_denoise(HeunStep())
+    assert contracts.needs_denoise(PredictorCorrectorStep()) and not contracts.needs_denoise(ReverseSDEStep())
     assert not contracts.needs_denoise(DDIMStep())
     assert isinstance(DPMSolverPP2MStep(), contracts.StatefulStepRule)
     assert not isinstance(DDIMStep(), contracts.StatefulStepRule) and contracts.init_state(DDIMStep()) is None

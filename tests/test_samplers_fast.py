@@ -13,6 +13,8 @@ from minidiff.samplers import (
     DPMSolverPP2MStep,
     EulerStep,
     HeunStep,
+    PredictorCorrectorStep,
+    ReverseSDEStep,
     ddim_invert,
     ddim_update,
     probability_flow_velocity,
@@ -459,8 +461,8 @@ def test_bad_inputs_raise_value_errors():
 
 @pytest.mark.parametrize("make_step", [DDPMStep, lambda: DDIMStep(0.0), lambda: DDIMStep(0.5),
                                        lambda: AncestralGammaStep(0.3), EulerStep, HeunStep,
-                                       DPMSolverPP2MStep],
-                         ids=["ddpm", "ddim", "ddim0.5", "gamma0.3", "euler", "heun", "dpm++2m"])
+                                       DPMSolverPP2MStep, ReverseSDEStep, PredictorCorrectorStep],
+                         ids=["ddpm", "ddim", "ddim0.5", "gamma0.3", "euler", "heun", "dpm++2m", "sde", "pc"])
 def test_every_sampler_takes_all_three_predictions(make_step):
     """The same exact denoiser reporting eps, x or v gives the same samples and the same NFE."""
     from minidiff.analytic import GaussianMixtureDenoiser
