@@ -30,7 +30,7 @@ from .diffusion import PREDICTIONS, posterior_coefficients, prediction_from
 from .schedules import NoiseSchedule
 
 __all__ = ["GaussianMixtureDenoiser", "GaussianMixtureClassifier", "EmpiricalDenoiser", "gaussian_flow_map",
-           "mixture_log_prob", "moment_match"]
+           "mixture_log_prob", "moment_match", "ExactMixtureStep"]
 
 
 class GaussianMixtureDenoiser(torch.nn.Module):
@@ -311,3 +311,31 @@ def moment_match(weights: torch.Tensor, means: torch.Tensor,
     dev = means - mu[:, None, :]
     cov = torch.einsum("bk,bki,bkj->bij", weights, dev, dev)
     return mu, cov + var[:, None, None] * torch.eye(means.shape[-1], dtype=means.dtype)
+
+
+class ExactMixtureStep:
+    """A step rule that samples the exact denoising distribution q(z_s | z_t) of Gaussian-mixture data
+    (:meth:`GaussianMixtureDenoiser.reverse_step`; Chapter 4 §1): what a perfect DDGAN generator produces
+    (exercise 3). With ``moment_matched=True`` it samples the mixture's best Gaussian fit N(mu, Sigma)
+    instead (:func:`moment_match`): the best that any Gaussian reverse step, so any DDPM on the same grid, can
+    do (exercise 2). It ignores the model's x-hat and asks `denoiser` directly; run it with that denoiser as
+    the model, so the loop's NFE stays one call per step. Draws from `generator` (CPU), float64 inside."""
+
+    def __init__(self, denoiser: GaussianMixtureDenoiser, moment_matched: bool = False):
+        if not isinstance(denoiser, GaussianMixtureDenoiser):
+            raise ValueError("ExactMixtureStep needs the data's GaussianMixtureDenoiser (its exact "
+                             "q(z_s | z_t)); build one with "
+                             "analytic.GaussianMixtureDenoiser(centers, std, schedule).")
+        self.denoiser, self.moment_matched = denoiser, moment_matched
+
+    def __call__(self, z_t, t, s, x_hat, eps_hat, schedule, generator=None):
+        weights, means, var = self.denoiser.reverse_step(z_t.reshape(len(z_t), -1), t, s)
+        B, K, D = means.shape
+        xi = torch.randn(B, D, generator=generator, dtype=torch.float64)
+        if self.moment_matched:
+            mu, cov = moment_match(weights, means, var)
+            z_s = mu + torch.einsum("bij,bj->bi", torch.linalg.cholesky(cov), xi)
+        else:
+            k = torch.multinomial(weights, 1, generator=generator).flatten()
+            z_s = means[torch.arange(B), k] + var.sqrt()[:, None] * xi
+        return z_s.reshape(z_t.shape).to(dtype=z_t.dtype, device=z_t.device)

@@ -156,3 +156,36 @@ def test_reverse_step_mean_is_ddpms_step_and_moment_match():
     assert bool((torch.linalg.eigvalsh(cov1)[:, -1] < 2 * v1).all())
     with pytest.raises(ValueError, match="0 <= s < t"):
         den.reverse_step(z, 0.3, 0.3)
+
+
+def test_exact_mixture_step_samples_the_mixture_and_its_moment_match():
+    """One z_t, many draws: the exact step's sample mean and covariance are the mixture's (= moment_match's),
+    and the moment-matched step has the same two moments but is Gaussian (unimodal)."""
+    from minidiff import samplers, schedules
+    from minidiff.analytic import ExactMixtureStep, GaussianMixtureDenoiser, moment_match
+
+    sched = schedules.get_schedule("linear", T=1000)
+    centers = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    den = GaussianMixtureDenoiser(centers, 0.05, sched, "x")
+    z = torch.full((40000, 2), 0.0, dtype=torch.float64)
+    z[:, 0] = 0.05                                                 # between the modes, undecided
+    w, m, v = den.reverse_step(z[:1], 0.3, 0.02)
+    mu, cov = moment_match(w, m, v)
+    for matched in (False, True):
+        out = ExactMixtureStep(den, moment_matched=matched)(z, 0.3, 0.02, None, None, sched,
+                                                            torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out.mean(0), mu[0], atol=0.01, rtol=0)
+        torch.testing.assert_close(torch.cov(out.T), cov[0], atol=0.01, rtol=0.02)
+    exact = ExactMixtureStep(den)(z, 0.3, 0.02, None, None, sched, torch.Generator().manual_seed(0))
+    near_mean = (exact[:, 0] - mu[0, 0]).abs() < 0.2             # the mixture has no mass at its mean
+    matched = ExactMixtureStep(den, True)(z, 0.3, 0.02, None, None, sched, torch.Generator().manual_seed(0))
+    assert near_mean.float().mean() < 0.01 < 0.1 < ((matched[:, 0] - mu[0, 0]).abs() < 0.2).float().mean()
+    # through the sampler loop, 4 steps end on the data: each point close to a mode
+    run = samplers.sample(den, sched, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+                          ExactMixtureStep(den), shape=(2000, 2), prediction="x",
+                          generator=torch.Generator().manual_seed(1), progress=False)
+    assert run.nfe == 4
+    dist = (run.x[:, None, :].double() - centers[None]).norm(dim=-1).min(dim=1).values
+    assert float((dist < 0.2).float().mean()) > 0.99
+    with pytest.raises(ValueError, match="GaussianMixtureDenoiser"):
+        ExactMixtureStep(object())
