@@ -314,6 +314,10 @@ def test_chapter_5_configs_build(monkeypatch):
                 assert model(z, torch.rand(2)).shape == z.shape
         small, full = configs.get_config(name, "small"), configs.get_config(name, "full")
         assert small["train"]["steps"] < full["train"]["steps"]
+        for size in configs.SIZES:                   # per-round step counts: one per round, down to 1 step
+            d = configs.get_config(name, size)["distill"]
+            steps = d["train"]["steps"]
+            assert isinstance(steps, int) or len(steps) == d["start_steps"].bit_length()
 
 
 def test_continuous_teacher_trains_through_pretrained(tmp_path):
