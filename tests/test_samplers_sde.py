@@ -139,3 +139,22 @@ def test_predictor_corrector_rejects_bad_settings():
     with pytest.raises(ValueError, match="denoise="):
         samplers.PredictorCorrectorStep()(torch.zeros(1, 2), 0.5, 0.4, torch.zeros(1, 2), torch.zeros(1, 2),
                                           schedules.CosineSchedule())
+
+
+def test_dpm_solver_last_step_into_the_data_is_first_order_on_a_clipped_schedule():
+    """On the clipped cosine schedule sigma_0 > 0, yet the last step to s = 0 must not extrapolate x-hat
+    (lower_order_final): with a history it equals DDIM's step."""
+    schedule = schedules.CosineSchedule()
+    assert float(schedule.sigma(torch.tensor(0.0, dtype=F64))) > 0
+    gen = torch.Generator().manual_seed(3)
+    z, x_hat, x_prev = (torch.randn(4, 2, generator=gen, dtype=F64) for _ in range(3))
+    alpha, sigma = schedule.alpha_sigma(torch.tensor(0.25, dtype=F64))
+    eps_hat = (z - alpha * x_hat) / sigma
+    step = samplers.DPMSolverPP2MStep()
+    state = {"prev": (x_prev, 0.5 * schedule.logsnr(torch.tensor(0.5, dtype=F64)), 0.25)}
+    last = step(z, 0.25, 0.0, x_hat, eps_hat, schedule, state=state)
+    ddim = samplers.DDIMStep(0.0)(z, 0.25, 0.0, x_hat, eps_hat, schedule)
+    torch.testing.assert_close(last, ddim, rtol=1e-9, atol=1e-9)
+    state = {"prev": (x_prev, 0.5 * schedule.logsnr(torch.tensor(0.5, dtype=F64)), 0.25)}
+    inner = step(z, 0.25, 0.125, x_hat, eps_hat, schedule, state=state)        # a step inside: second order
+    assert not torch.allclose(inner, samplers.DDIMStep(0.0)(z, 0.25, 0.125, x_hat, eps_hat, schedule))
