@@ -18,7 +18,6 @@ Usage:  python benchmarks/bench_patchdm.py [--sizes 32 64 128 256] [--patch 16] 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -29,6 +28,7 @@ import torch
 from minidiff import configs, diffusion, patchdm
 from minidiff.nn import UNet
 from minidiff.patching import peak_allocated_bytes, saved_activation_bytes
+from minidiff.report import save_results
 from minidiff.schedules import get_schedule
 
 RESULTS = Path(__file__).parent / "results"
@@ -108,11 +108,7 @@ def main():
               f"x{last['patch_train_mib'] / first['patch_train_mib']:.2f}, streamed sampling peak "
               f"x{last['streamed_peak_mib'] / first['streamed_peak_mib']:.1f}."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
+    save_results(args.out, text, {"title": title, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Usage:  python benchmarks/bench_patching.py [--size 32] [--batch 32] [--patches 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -29,6 +28,7 @@ import torch
 from minidiff import diffusion
 from minidiff.nn import UNet
 from minidiff.patching import Patched, patched_unet_kwargs, saved_activation_bytes
+from minidiff.report import save_results
 from minidiff.schedules import CosineSchedule
 
 RESULTS = Path(__file__).parent / "results"
@@ -143,11 +143,7 @@ def main():
             f"({'met' if four['activation memory ratio P=1 / P'] >= 3.5 else 'NOT met'}).",
         ]
     text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"where": where, "rows": rows}, indent=1))
+    save_results(args.out, text, {"where": where, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import platform
 import statistics
 import sys
@@ -40,6 +39,7 @@ import torch
 
 from minidiff import configs, samplers, schedules
 from minidiff.pretrained import build_model
+from minidiff.report import save_results
 
 RESULTS = Path(__file__).parent / "results"
 T = 1000
@@ -243,11 +243,7 @@ def main():
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"where": where, "results": results}, indent=1))
+    save_results(args.out, text, {"where": where, "results": results})
 
 
 if __name__ == "__main__":

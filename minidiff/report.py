@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["markdown_table"]
+__all__ = ["markdown_table", "save_results"]
 
 
 def _cell(value, fmt: str | None) -> str:
@@ -32,3 +34,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence],
             raise ValueError(f"row {i} has {len(row)} cells; the table has {width} columns: {row!r}.")
         lines.append("| " + " | ".join(_cell(v, f) for v, f in zip(row, formats, strict=True)) + " |")
     return "\n".join(lines)
+
+
+def save_results(out, text: str, payload: dict) -> None:
+    """A benchmark's results: `text` (its Markdown tables) printed and written to ``out.md``, `payload`
+    (the raw numbers) to ``out.json``; the folder is made if needed (``benchmarks/results``)."""
+    print(text)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text.rstrip("\n") + "\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))

@@ -27,3 +27,14 @@ def test_toy_quality_of_fresh_data_is_near_perfect():
     collapsed = torch.zeros(1000, 2)
     q = metrics.toy_quality(collapsed, b)
     assert q["modes_covered"] <= 1 and q["w2"] > 0.5
+
+
+def test_save_results_writes_the_markdown_and_the_numbers(tmp_path, capsys):
+    import json
+
+    from minidiff.report import save_results
+
+    save_results(tmp_path / "sub" / "bench", "| a |\n|---|\n| 1 |", {"rows": [{"a": 1}]})
+    assert (tmp_path / "sub" / "bench.md").read_text() == "| a |\n|---|\n| 1 |\n"
+    assert json.loads((tmp_path / "sub" / "bench.json").read_text()) == {"rows": [{"a": 1}]}
+    assert "| 1 |" in capsys.readouterr().out
