@@ -127,21 +127,24 @@ class LatentModel(nn.Module):
         return self.net(z, t, latent=draw_latent(z.shape[0], self.latent_dim, z, self.generator), **cond)
 
 
-def sample(net: nn.Module, schedule: DiscreteSchedule, shape, generator: torch.Generator | None = None,
-           progress: bool = False, return_trajectory: bool = False, device=None) -> samplers.SampleResult:
+def sample(net: nn.Module, schedule: DiscreteSchedule, shape=None, generator: torch.Generator | None = None,
+           progress: bool = False, return_trajectory: bool = False, device=None,
+           z: torch.Tensor | None = None) -> samplers.SampleResult:
     """DDGAN sampling (Xiao et al. 2022, Sec. 3.2; chapter 4 §3): x_1 ~ N(0, I); for t = 1, (T-1)/T, ..., 1/T:
     u ~ N(0, I), x-hat = G(x_t, u, t), x_{t-1} ~ q(x_{t-1} | x_t, x-hat) (no noise at the last step).
 
     That is ``samplers.sample`` with ``DDPMStep("posterior")`` on the grid of `schedule`, the
     generator read as an x-prediction: T network evaluations. Draws, in order from `generator`:
-    x_1, then per step u and the step's noise.
+    x_1 (unless it is given as `z`, e.g. a table's common initial noise), then per step u and the step's
+    noise.
     """
     if not isinstance(schedule, DiscreteSchedule):
         raise ValueError(f"DDGAN samples on a discrete T-step schedule (ddgan_schedule(T)); got "
                          f"{type(schedule).__name__}.")
     return samplers.sample(LatentModel(net, generator), schedule, samplers.ddpm_timesteps(schedule.T),
-                           samplers.DDPMStep("posterior"), shape=shape, prediction="x", generator=generator,
-                           progress=progress, return_trajectory=return_trajectory, device=device)
+                           samplers.DDPMStep("posterior"), shape=shape, z=z, prediction="x",
+                           generator=generator, progress=progress, return_trajectory=return_trajectory,
+                           device=device)
 
 
 # ----------------------------------------------------------------------------- pairs and losses

@@ -87,6 +87,11 @@ def test_sampler_is_the_posterior_step_with_a_fresh_latent():
     torch.testing.assert_close(res.trajectory[1], x)
     torch.testing.assert_close(res.x, x0)                             # last step: x_0 = G(x_{1/2}, u, 1/2)
     assert res.nfe == 2
+    # a given x_1 (a table's common initial noise): the same steps, with the generator's draws after x_1
+    z1 = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
+    given = ddgan.sample(G, sched, z=z1, generator=torch.Generator().manual_seed(3), return_trajectory=True)
+    torch.testing.assert_close(given.trajectory[0], z1)
+    assert given.x.shape == (16, 2) and given.nfe == 2
 
 
 def test_sampler_needs_a_latent_generator_and_a_discrete_schedule():
