@@ -28,7 +28,7 @@ import torch
 from minidiff import configs, diffusion, patchdm
 from minidiff.nn import UNet
 from minidiff.patching import peak_allocated_bytes, saved_activation_bytes
-from minidiff.report import save_results
+from minidiff.report import markdown_table, save_results
 from minidiff.schedules import get_schedule
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,9 +97,9 @@ def main():
             "Patch-DM training MiB"]
     keys = ["full_ms", "full_peak_mib", "full_train_mib", "collage_ms", "collage_peak_mib", "streamed_ms",
             "streamed_peak_mib", "patch_train_mib"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r['size']} x {r['size']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
+    table = markdown_table(head, [[f"{r['size']} x {r['size']}", *(r[k] for k in keys)] for r in rows],
+                           [None] + [".2f"] * len(keys))
+    lines = [f"# {title}", "", table]
     first, last = rows[0], rows[-1]
     area = (last["size"] / first["size"]) ** 2
     lines += ["", f"From {first['size']}^2 to {last['size']}^2 ({area:.0f}x the pixels): full UNet "
