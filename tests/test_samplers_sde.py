@@ -7,19 +7,16 @@ import pytest
 import torch
 
 from minidiff import samplers, schedules
+from minidiff.analytic import GaussianMixtureDenoiser
 from minidiff.diffusion import posterior_coefficients
 
 F64 = torch.float64
 SCHEDULES = [schedules.CosineSchedule(), schedules.LinearVPSchedule()]
 
 
-def gaussian_denoiser(c2: float, schedule):
-    """The exact x-hat of data N(0, c2 I): E[x | z_t] = alpha c2 z / (alpha^2 c2 + sigma^2)."""
-    def model(z, t):
-        alpha, sigma = schedule.alpha_sigma(t.to(F64))
-        alpha, sigma = alpha.reshape(-1, *[1] * (z.ndim - 1)), sigma.reshape(-1, *[1] * (z.ndim - 1))
-        return (alpha * c2 * z / (alpha**2 * c2 + sigma**2)).to(z.dtype)
-    return model
+def gaussian_denoiser(c2: float, schedule, dim: int):
+    """The exact x-hat of data N(0, c2 I) in `dim` dimensions: the one-component mixture denoiser."""
+    return GaussianMixtureDenoiser(torch.zeros(1, dim, dtype=F64), c2 ** 0.5, schedule, "x")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=["cosine", "linear-vp"])
@@ -88,7 +85,7 @@ def test_ancestral_and_reverse_sde_samplers_converge_to_the_data_for_gaussian_da
     """With the exact denoiser of N(0, c^2) data, both samplers' final variance tends to c^2 as the steps
     shrink, and so does their difference (common random numbers)."""
     schedule, c2 = schedules.CosineSchedule(), 0.25
-    model = gaussian_denoiser(c2, schedule)
+    model = gaussian_denoiser(c2, schedule, 4)
     z = torch.randn(40000, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
     gaps = {}
     for steps in (10, 40, 160):
@@ -113,7 +110,7 @@ class Stay:
 
 def test_langevin_corrector_keeps_the_right_marginal_and_pulls_a_wrong_one_back():
     schedule, c2 = schedules.CosineSchedule(), 0.25
-    model = gaussian_denoiser(c2, schedule)
+    model = gaussian_denoiser(c2, schedule, 64)
     alpha, sigma = schedule.alpha_sigma(torch.tensor(0.3, dtype=F64))
     v = float(alpha**2 * c2 + sigma**2)                        # the marginal variance of z_s at s = 0.3
     gen = torch.Generator().manual_seed(0)
