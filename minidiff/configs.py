@@ -199,7 +199,7 @@ register_config(
         "diffusion": dict(_DDPM),
         "sample": {"n": 297, "steps": 1000},
     },
-    small_from_medium={"train.steps": 300, "sample.n": 64},
+    small_from_medium={"train.steps": 200, "sample.n": 64},
 )
 
 # ---- chapter 5
@@ -313,7 +313,7 @@ register_config(
         "diffusion": dict(_DDGAN_DIFFUSION),
         "sample": {"n": 10000, "steps": 4},
     },
-    small_from_medium={"train.steps": 150, "sample.n": 500},
+    small_from_medium={"train.steps": 100, "sample.n": 500},
 )
 
 register_config(
@@ -342,7 +342,7 @@ register_config(
         "diffusion": dict(_DDGAN_DIFFUSION),
         "sample": {"n": 297, "steps": 4},
     },
-    small_from_medium={"train.steps": 100, "sample.n": 64},
+    small_from_medium={"train.steps": 100, "sample.n": 32},
 )
 
 register_config(
@@ -367,7 +367,7 @@ register_config(
                       "weighting": "eps"},
         "sample": {"n": 10000, "steps": 4},
     },
-    small_from_medium={"train.steps": 150, "sample.n": 500},
+    small_from_medium={"train.steps": 100, "sample.n": 500},
 )
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diffusion, samplers
+from . import diffusion, distributed, samplers
 from .diffusion import NonFiniteLossError
 from .schedules import DiscreteSchedule, LinearVPSchedule, discretize
 from .train import save_model, train
@@ -64,6 +64,7 @@ __all__ = [
     "r1_penalty",
     "sample",
     "DDGANStep",
+    "PlayerLoss",
     "train_ddgan",
     "build",
     "train_config",
@@ -239,6 +240,10 @@ class DDGANStep:
     The training loop updates the EMA of G after each call. Logs "d" (D's loss without R1), "g" and,
     at the regularised steps, "r1". Adam for both players (the official defaults for CIFAR-10); with
     ``lr_min`` both learning rates follow a cosine from their start value to lr_min over ``steps``.
+
+    Under torchrun (``distribute``) each player's loss is one DistributedDataParallel forward of a
+    module that holds only that player (:class:`PlayerLoss`), so DDP averages D's gradients in D's
+    update and G's in G's, and the other player is used as a plain network.
     """
 
     description = "DDGAN"
@@ -264,6 +269,13 @@ class DDGANStep:
         self.description = f"DDGAN T={self.T}"
         self.hint = (f"lower lr_d / lr_g (now {lr_d}, {lr_g}), raise r1_gamma (now {r1_gamma}) or check that "
                      "the data is finite and scaled to [-1, 1]")
+        self._d_phase, self._g_phase = self.d_loss, self.g_loss
+
+    def distribute(self, device: torch.device) -> None:
+        """Each player's loss through DistributedDataParallel from now on (``train`` calls this under
+        torchrun)."""
+        self._d_phase = distributed.wrap(PlayerLoss(self.D, self.d_loss), device)
+        self._g_phase = distributed.wrap(PlayerLoss(self.G, self.g_loss), device)
 
     def _draw_steps(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
         return torch.randint(1, self.T + 1, (n,), generator=gen, device=device)
@@ -275,15 +287,9 @@ class DDGANStep:
         x0_hat = self.G(x_t, t.to(x_t.dtype), latent=u)
         return posterior_sample(self.schedule, x_t, x0_hat, t, s, gen)
 
-    def __call__(self, index: int, x0: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-        opt_g, opt_d, T = self.optimizers["g"], self.optimizers["d"], self.T
-        if self.lr_min is not None:                                    # cosine annealing (official code)
-            for opt, lr in ((opt_g, self.lr_g), (opt_d, self.lr_d)):
-                for group in opt.param_groups:
-                    group["lr"] = self.lr_min + (lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * index
-                                                                                         / self.steps))
-        logged = {}
-        # 1. discriminator: real pair vs fake pair at the same x_t; R1 every lazy_reg steps
+    def d_loss(self, index: int, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """D's loss: real pair vs fake pair at the same x_t, plus R1 every lazy_reg steps; (loss, logged)."""
+        T, logged = self.T, {}
         i = self._draw_steps(len(x0), gen, x0.device)
         t = (i.to(torch.float64) / T).to(x0.dtype)
         x_prev, x_t = real_pairs(self.schedule, x0, i, gen)
@@ -295,19 +301,51 @@ class DDGANStep:
             r1 = r1_penalty(self.D, x_prev, x_t, t, self.r1_gamma)
             logged["r1"] = _finite(r1.item(), "R1 penalty", index, self.hint)
             loss_d = loss_d + r1
+        return loss_d, logged
+
+    def g_loss(self, index: int, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """G's non-saturating loss at a new t, x_t ~ q(x_t | x_0); (loss, logged)."""
+        i = self._draw_steps(len(x0), gen, x0.device)
+        t = (i.to(torch.float64) / self.T).to(x0.dtype)
+        x_t, _ = diffusion.q_sample(self.schedule, x0, i.to(torch.float64) / self.T, generator=gen)
+        loss_g = generator_loss(self.D(self._fake_prev(x_t, i, gen), x_t, t))
+        return loss_g, {"g": _finite(loss_g.item(), "generator loss", index, self.hint)}
+
+    def __call__(self, index: int, x0: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+        opt_g, opt_d = self.optimizers["g"], self.optimizers["d"]
+        if self.lr_min is not None:                                    # cosine annealing (official code)
+            for opt, lr in ((opt_g, self.lr_g), (opt_d, self.lr_d)):
+                for group in opt.param_groups:
+                    group["lr"] = self.lr_min + (lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * index
+                                                                                         / self.steps))
+        # gen: one generator, or one per block of x0 (train(..., shards=)): each block keeps its own stream
+        # through both players' updates, as one process of a torchrun job does
+        # 1. discriminator: real pair vs fake pair at the same x_t; R1 every lazy_reg steps
         opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        logged = distributed.accumulate(lambda block, g: self._d_phase(index, block, g), x0, gen,
+                                        module=self._d_phase)
         opt_d.step()
         # 2. generator: new t, x_t ~ q(x_t | x_0); gradients for G only (D stays as it is)
-        i = self._draw_steps(len(x0), gen, x0.device)
-        t = (i.to(torch.float64) / T).to(x0.dtype)
-        x_t, _ = diffusion.q_sample(self.schedule, x0, i.to(torch.float64) / T, generator=gen)
-        loss_g = generator_loss(self.D(self._fake_prev(x_t, i, gen), x_t, t))
-        logged["g"] = _finite(loss_g.item(), "generator loss", index, self.hint)
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward(inputs=self.g_params)
+        logged_g = distributed.accumulate(lambda block, g: self._g_phase(index, block, g), x0, gen,
+                                          module=self._g_phase,
+                                          backward=lambda loss: loss.backward(inputs=self.g_params))
         opt_g.step()
-        return logged
+        return {**logged, **logged_g}
+
+
+class PlayerLoss(nn.Module):
+    """One player's loss as a module that holds only that player (``DDGANStep.distribute``):
+    ``forward(index, x0, gen) = loss(index, x0, gen)``. Wrapped in DistributedDataParallel, the loss is
+    one DDP forward whose backward averages that player's gradients across processes."""
+
+    def __init__(self, player: nn.Module, loss):
+        super().__init__()
+        self.player = player
+        self._loss = loss
+
+    def forward(self, index: int, x0: torch.Tensor, gen: torch.Generator):
+        return self._loss(index, x0, gen)
 
 
 def train_ddgan(generator: nn.Module, discriminator: nn.Module, data, T: int = 4, steps: int = 2000,
@@ -317,7 +355,7 @@ def train_ddgan(generator: nn.Module, discriminator: nn.Module, data, T: int = 4
                 lr_min: float | None = None, seed: int = 0, schedule: DiscreteSchedule | None = None,
                 progress: bool = True, save_dir: str | Path | None = None,
                 num_threads: int | None = 1, checkpoint_dir: str | Path | None = None,
-                checkpoint_every: int | None = None, resume: bool = False) -> DDGANResult:
+                checkpoint_every: int | None = None, resume: bool = False, shards: int = 1) -> DDGANResult:
     """Train a DDGAN (Xiao et al. 2022, Sec. 3; chapter 4 §4): :class:`DDGANStep` through the one
     training loop ``train.train`` (EMA of G, seeded generators, checkpoints and exact resume).
 
@@ -341,6 +379,8 @@ def train_ddgan(generator: nn.Module, discriminator: nn.Module, data, T: int = 4
             None keeps the current setting.
         checkpoint_dir, checkpoint_every, resume: as for ``train.train`` (both players, both optimisers
             and the loss history are checkpointed; a resumed run ends with the same weights).
+        shards: blocks per batch, each with its own keyed noise (``train.train``'s gradient accumulation;
+            a torchrun job of N processes computes what one process with N shards does).
 
     Raises NonFiniteLossError (a ValueError) when a loss becomes NaN or infinite.
     """
@@ -360,14 +400,14 @@ def train_ddgan(generator: nn.Module, discriminator: nn.Module, data, T: int = 4
     try:
         out = train(generator, None, data, steps, batch_size=batch_size, ema_decay=ema_decay, seed=seed,
                     progress=progress, step=step, checkpoint_dir=checkpoint_dir,
-                    checkpoint_every=checkpoint_every, resume=resume)
+                    checkpoint_every=checkpoint_every, resume=resume, shards=shards)
     finally:
         torch.set_num_threads(threads)
     history = out.history
     result = DDGANResult(generator, out.ema_model.eval(), discriminator, schedule,
                          d_losses=history.get("d", []), g_losses=history.get("g", []),
                          r1=history.get("r1", []), steps=out.steps, seconds=out.seconds)
-    if save_dir is not None:
+    if save_dir is not None and distributed.world()[0] == 0:
         folder = Path(save_dir)
         save_model(out.ema_model, folder / "generator_ema")
         save_model(generator, folder / "generator")

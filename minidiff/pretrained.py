@@ -25,9 +25,10 @@ from . import configs, data, diffusion, patchdm, schedules
 from .cache import cache_dir, cache_lock, load_or_build
 from .nn import MLPDenoiser, UNet
 from .patching import patched_unet
-from .train import labelled_batch, load_config, load_model, save_model, to_device, train
+from .train import TrainResult, labelled_batch, load_config, load_model, save_model, to_device, train
 
-__all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "store", "training_data"]
+__all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "loss_function", "seeded_model",
+           "store", "train_config", "training_data"]
 
 ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet, "patched_unet": patched_unet,
                  "patch_dm": patchdm.PatchDenoiser}
@@ -121,24 +122,19 @@ def store(model: torch.nn.Module, config: dict, cache: bool | str | Path = True)
         return save_model(model, path, config={"minidiff_config": config})
 
 
-def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str | Path = True,
-               device: str | torch.device = "cpu", progress: bool = True) -> PretrainedModel:
-    """Train (or load from the cache) the diffusion model of a config; returns its EMA model.
+def seeded_model(config: dict) -> torch.nn.Module:
+    """``build_model(config)`` initialised with the config's train seed, as chapter 1 does; the caller's
+    global RNG is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["train"].get("seed", 0))
+        return build_model(config)
 
-    name_or_config: a config name for ``configs.get_config`` (e.g. "ddpm_toy", "ddpm_digits", chapter 5's
-    "pd_toy") or a config dict of the same form; its "diffusion" entry names the schedule (with "T" for a
-    discrete one, None for a continuous one), the prediction and the loss weighting of
-    ``diffusion.training_loss``, and optionally its ``t_range`` (one network of a split model, Chapter 7).
-    cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
-    """
-    config = configs.get_config(name_or_config, size) if isinstance(name_or_config, str) else name_or_config
+
+def loss_function(config: dict, schedule: schedules.NoiseSchedule):
+    """The training loss ``loss_fn(net, batch, generator)`` of a config's "diffusion" entry: L_simple and
+    its weightings (``diffusion.training_loss``, chapter 1 §4; labels and p_uncond for chapter 6, t_range
+    for chapter 7's splits), or Patch-DM's block loss with the images' codes (chapter 8 §3)."""
     diff = config["diffusion"]
-    schedule = schedules.get_schedule(diff["schedule"], T=diff.get("T"))
-
-    def fresh_model() -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):  # initialise as chapter 1 does, leave the caller's RNG alone
-            torch.manual_seed(config["train"].get("seed", 0))
-            return build_model(config)
 
     def loss_fn(net, batch, generator):
         if diff.get("loss") == "patch_dm":      # Chapter 8: Patch-DM's block loss, with the images' codes
@@ -154,10 +150,43 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
                                        p_uncond=diff.get("p_uncond", 0.0) if cond else 0.0,
                                        t_range=diff.get("t_range"))
 
+    return loss_fn
+
+
+def train_config(config: dict, device: str | torch.device = "cpu", progress: bool = True,
+                 **overrides) -> TrainResult:
+    """Build (seeded) and train the diffusion model of a config through ``train.train``, on its data.
+
+    ``overrides`` replace entries of config["train"] or add ``train.train``'s other arguments
+    (checkpoint_dir, resume, shards, ...). Runs under torchrun as it is (``train.train``).
+    """
+    diff = config["diffusion"]
+    schedule = schedules.get_schedule(diff["schedule"], T=diff.get("T"))
+    return train(seeded_model(config).to(device), loss_function(config, schedule),
+                 to_device(training_data(config), device), progress=progress,
+                 **{**config["train"], **overrides})
+
+
+def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str | Path = True,
+               device: str | torch.device = "cpu", progress: bool = True) -> PretrainedModel:
+    """Train (or load from the cache) the diffusion model of a config; returns its EMA model.
+
+    name_or_config: a config name for ``configs.get_config`` (e.g. "ddpm_toy", "ddpm_digits", chapter 5's
+    "pd_toy") or a config dict of the same form; its "diffusion" entry names the schedule (with "T" for a
+    discrete one, None for a continuous one), the prediction and the loss weighting of
+    ``diffusion.training_loss``, and optionally its ``t_range`` (one network of a split model, Chapter 7).
+    cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
+    """
+    config = configs.get_config(name_or_config, size) if isinstance(name_or_config, str) else name_or_config
+    diff = config["diffusion"]
+    schedule = schedules.get_schedule(diff["schedule"], T=diff.get("T"))
+
+    def fresh_model() -> torch.nn.Module:
+        return seeded_model(config)
+
     def build(path: Path | None) -> PretrainedModel:
         t0 = time.perf_counter()
-        result = train(fresh_model().to(device), loss_fn, to_device(training_data(config), device),
-                       progress=progress, **config["train"])
+        result = train_config(config, device=device, progress=progress)
         seconds = time.perf_counter() - t0
         ema = result.ema_model.eval()
         if path is not None:

@@ -17,6 +17,11 @@ scalars, random-generator states, losses) to JSON; both are written to a tempora
 so a run killed while writing leaves the previous checkpoint intact. Batches are drawn i.i.d. with
 replacement from a seeded generator, so resuming from a checkpoint reproduces an uninterrupted run
 bit for bit on CPU.
+
+Under ``torchrun --nproc_per_node=N`` the same call trains on N processes with DistributedDataParallel
+(``minidiff.distributed``): each process takes its block of every global batch, with noise keyed by
+the block, the gradients are averaged by DDP, and the EMA, the checkpoints and the progress bar live
+on rank 0. ``shards=N`` in one process computes the same update (gradient accumulation).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
 from .diffusion import NonFiniteLossError
 
 __all__ = [
@@ -49,6 +55,8 @@ __all__ = [
     "load_config",
     "load_model",
     "make_batch_sampler",
+    "resolve_compile",
+    "resolve_precision",
     "save_model",
     "to_device",
     "train",
@@ -110,10 +118,15 @@ class TrainStep(Protocol):
 
     ``step(index, batch, generator) -> dict[str, float]`` updates the weights on one batch (already on
     the model's device) and returns the values to log (``"loss"`` is the one shown and averaged into
-    ``TrainResult.losses``). ``generator`` is the loop's seeded generator for the step's own noise.
+    ``TrainResult.losses``). ``generator`` is the loop's seeded generator for the step's own noise;
+    with ``shards`` > 1 it is a list, one per block of the batch (``distributed.accumulate`` splits it).
     ``optimizers`` (name -> optimiser) and ``modules`` (name -> extra networks beyond the trained
     model, e.g. DDGAN's discriminator) are saved in checkpoints and restored on resume; ``settings``
     (JSON values) must match for a resume. ``description`` labels the progress bar.
+
+    To train under ``torchrun`` a step also has ``distribute(device)``, which the loop calls once when
+    more than one process runs: from then on the step runs its forward passes through
+    DistributedDataParallel (``distributed.wrap``), so that DDP averages the gradients.
     """
 
     optimizers: dict[str, torch.optim.Optimizer]
@@ -131,6 +144,11 @@ class LossStep:
     ``lr_factor(index)`` if given (e.g. a cosine decay); the global gradient norm is clipped to
     ``grad_clip`` (None or 0: no clipping). A non-finite loss or gradient norm raises
     NonFiniteLossError with advice, before the weights change.
+
+    Given a list of generators, the step splits its batch into that many equal blocks, one generator
+    each, and averages their gradients (gradient accumulation; ``train(..., shards=)``). ``precision``
+    "bf16" runs the loss under bf16 autocast, ``compile=True`` the network through ``torch.compile``
+    (both for GPUs; the full configs ask for them with "auto").
     """
 
     description = "train"
@@ -138,10 +156,16 @@ class LossStep:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup: int = 100, grad_clip: float | None = 1.0,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 lr_factor: Callable[[int], float] | None = None):
+                 lr_factor: Callable[[int], float] | None = None, precision: str = "fp32",
+                 compile: bool = False):
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16' (or 'auto' in train()), got {precision!r}")
         self.model, self.loss_fn = model, loss_fn
+        self.loss_module = distributed.LossModule(model, loss_fn, torch.compile(model) if compile else None,
+                                                  precision)
+        self._forward = self.loss_module
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -151,24 +175,35 @@ class LossStep:
         self.modules: dict[str, torch.nn.Module] = {}
         self.settings = dict(lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip,
                              optimizer=type(opt).__name__)
+        if precision != "fp32":
+            self.settings["precision"] = precision
 
-    def __call__(self, index: int, batch, generator: torch.Generator) -> dict[str, float]:
+    def distribute(self, device: torch.device) -> None:
+        """Run the loss through DistributedDataParallel from now on (``train`` calls this under torchrun)."""
+        self._forward = distributed.wrap(self.loss_module, device)
+
+    def __call__(self, index: int, batch, generator) -> dict[str, float]:
         opt = self.optimizers["opt"]
         lr = self.lr * min(1.0, (index + 1) / self.warmup) if self.warmup else self.lr
         if self.lr_factor is not None:
             lr = lr * self.lr_factor(index)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = self.loss_fn(self.model, batch, generator)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"loss is {value} at step {index}: lower the learning rate (lr={self.lr}), keep grad_clip "
-                "on, check that the data is finite and scaled to [-1, 1]; with checkpoints, "
-                "resume=True restarts from the last good state"
-            )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+
+        def forward(block, gen):
+            loss = self._forward(block, gen)
+            value = loss.item()
+            if not math.isfinite(value):
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"loss is {value} at step {index}: lower the learning rate (lr={self.lr}), keep "
+                    "grad_clip on, check that the data is finite and scaled to [-1, 1]; with checkpoints, "
+                    "resume=True restarts from the last good state"
+                )
+            return loss, {"loss": value}
+
+        value = distributed.accumulate(forward, batch, generator, module=self._forward)["loss"]
         if self.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             if not torch.isfinite(norm):
@@ -449,6 +484,9 @@ def train(
     log_every: int = 1,
     keep_checkpoints: int = 2,
     step: TrainStep | None = None,
+    shards: int = 1,
+    precision: str = "fp32",
+    compile: bool | str = False,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimisation steps (chapter 1 §4, Ho et al. 2020, Algorithm 1).
 
@@ -468,10 +506,25 @@ def train(
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if none);
             gives the same weights as an uninterrupted run.
         log_every: record the mean "loss" of every ``log_every`` steps in ``losses``.
+        shards: split every batch into this many equal blocks, each with its own noise generator keyed
+            by (seed, step, block) (``distributed.keyed_generator``), and average their gradients
+            (gradient accumulation): the step gets a list of generators (LossStep and DDGANStep split
+            their batch with ``distributed.accumulate``). 1 (default): one generator for the whole run.
+        precision: "fp32" (default), "bf16" (autocast of the loss) or "auto" (bf16 on a GPU that
+            supports it, else fp32). compile: ``torch.compile`` the network (True, False, or "auto":
+            on a GPU only). Both for LossStep.
 
-    Dropout and other global-RNG use run in a forked RNG seeded with ``seed``, so the caller's
-    global RNG is untouched. Returns ``TrainResult``; the model and the step's modules are left in
-    eval mode.
+    Under ``torchrun`` (a process group of W > 1 processes; ``distributed.init_from_env``),
+    ``batch_size`` is per process: each step draws one global batch of W x batch_size examples with
+    the shared data generator and every process trains on its block, with that block's keyed noise,
+    through DistributedDataParallel. This equals one process with batch W x batch_size and
+    ``shards=W``. The EMA, the checkpoints and the progress bar are rank 0's (the EMA is broadcast to
+    every rank at the end, so each returns the same ``ema_model``); every rank resumes from the same
+    checkpoint.
+
+    Dropout and other global-RNG use run in a forked RNG seeded with ``seed`` (plus the rank), so the
+    caller's global RNG is untouched. Returns ``TrainResult``; the model and the step's modules are
+    left in eval mode.
     """
     if steps < 0 or batch_size < 1 or log_every < 1 or warmup < 0:
         raise ValueError("need steps >= 0, batch_size >= 1, log_every >= 1 and warmup >= 0")
@@ -479,22 +532,36 @@ def train(
         raise ValueError(f"checkpoint_every must be a positive step count or None, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder the earlier run saved to)")
+    if not isinstance(shards, int) or shards < 1 or batch_size % shards:
+        raise ValueError(f"shards must be a positive integer that divides batch_size ({batch_size}), "
+                         f"got {shards!r}")
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        raise ValueError("the model has no parameters to train")
+    device = param.device
+    precision, compile = resolve_precision(precision, device), resolve_compile(compile, device)
     if step is None:
         if loss_fn is None:
             raise ValueError("give either loss_fn(model, batch, generator) or step= (a TrainStep)")
-        step = LossStep(model, loss_fn, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip)
+        step = LossStep(model, loss_fn, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip,
+                        precision=precision, compile=compile)
     elif loss_fn is not None:
         raise ValueError("give loss_fn or step=, not both: a TrainStep computes its own loss")
     elif not isinstance(step, TrainStep):
         raise ValueError("step must be a TrainStep: a callable (index, batch, generator) -> dict of losses "
                          "with the attributes optimizers, modules, settings and description")
+    elif precision != "fp32" or compile:
+        raise ValueError("precision and compile are LossStep's; a custom step= runs in fp32 and compiles "
+                         "nothing (leave them at their defaults)")
+    rank, world_size = distributed.world()
+    if world_size > 1 and not callable(getattr(step, "distribute", None)):
+        raise ValueError(f"{type(step).__name__} has no distribute(device): it cannot train under torchrun")
+    blocks = world_size * shards                      # blocks of the global batch, each with keyed noise
     sample_batch = make_batch_sampler(data)
-    param = next(iter(model.parameters()), None)
-    if param is None:
-        raise ValueError("the model has no parameters to train")
-    device = param.device
-    settings = dict(batch_size=batch_size, ema_decay=ema_decay, seed=seed, log_every=log_every,
+    settings = dict(batch_size=world_size * batch_size, ema_decay=ema_decay, seed=seed, log_every=log_every,
                     **step.settings)
+    if blocks > 1:
+        settings["blocks"] = blocks
 
     data_gen = torch.Generator().manual_seed(seed)
     loss_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -502,9 +569,9 @@ def train(
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + rank)
         if cuda:
-            torch.cuda.manual_seed(seed)
+            torch.cuda.manual_seed(seed + rank)
         ema = EMA(model, ema_decay)
         start, losses, window, history = 0, [], [0.0, 0], {}
         ckpt = latest_checkpoint(folder) if resume else None
@@ -528,30 +595,51 @@ def train(
             start, losses, window, history = meta["step"], meta["losses"], meta["window"], meta["history"]
             data_gen.set_state(_rng_from_list(meta["rng"]["data"]))
             loss_gen.set_state(_rng_from_list(meta["rng"]["loss"]))
-            torch.set_rng_state(_rng_from_list(meta["rng"]["torch"]))
-            if cuda and "cuda" in meta["rng"]:
-                torch.cuda.set_rng_state(_rng_from_list(meta["rng"]["cuda"]), device)
+            per_rank = meta["rng"].get("ranks", [])          # each process's own global RNG, if saved
+            own = per_rank[rank] if rank < len(per_rank) else meta["rng"]
+            torch.set_rng_state(_rng_from_list(own["torch"]))
+            if cuda and "cuda" in own:
+                torch.cuda.set_rng_state(_rng_from_list(own["cuda"]), device)
+        if world_size > 1:
+            step.distribute(device)        # after the resume: DDP starts every rank from rank 0's weights
 
         def checkpoint(done: int) -> None:
-            rng = {"data": _rng_to_list(data_gen.get_state()), "loss": _rng_to_list(loss_gen.get_state()),
-                   "torch": _rng_to_list(torch.get_rng_state())}
+            own = {"torch": _rng_to_list(torch.get_rng_state())}
             if cuda:
-                rng["cuda"] = _rng_to_list(torch.cuda.get_rng_state(device))
-            meta = {"settings": settings, "steps": steps, "losses": losses, "window": window,
-                    "history": history, "rng": rng, "model_class": type(model).__name__,
-                    "model_config": getattr(model, "config", None)}
-            ema.sync(model)
-            _save_checkpoint(folder, done, model, ema, step, meta, keep_checkpoints)
+                own["cuda"] = _rng_to_list(torch.cuda.get_rng_state(device))
+            ranks = distributed.all_gather_objects(own)
+            if rank == 0:
+                rng = {"data": _rng_to_list(data_gen.get_state()), "loss": _rng_to_list(loss_gen.get_state()),
+                       **own}
+                if world_size > 1:
+                    rng["ranks"] = list(ranks)
+                meta = {"settings": settings, "steps": steps, "losses": losses, "window": window,
+                        "history": history, "rng": rng, "model_class": type(model).__name__,
+                        "model_config": getattr(model, "config", None)}
+                ema.sync(model)
+                _save_checkpoint(folder, done, model, ema, step, meta, keep_checkpoints)
+            distributed.barrier()          # no rank reads a checkpoint before it is complete
 
         t0 = time.perf_counter()
         model.train()
         for module in step.modules.values():
             module.train()
-        bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc=step.description)
+        bar = tqdm(total=steps, initial=min(start, steps), disable=not progress or rank != 0,
+                   desc=step.description)
         try:
             for index in range(start, steps):
-                logged = step(index, to_device(sample_batch(batch_size, data_gen), device), loss_gen)
-                ema.update(model)
+                batch = sample_batch(world_size * batch_size, data_gen)       # the global batch
+                if world_size > 1:
+                    batch = distributed.split_blocks(batch, world_size)[rank]  # this process's block
+                if blocks == 1:
+                    gen = loss_gen
+                else:
+                    gens = [distributed.keyed_generator(seed, index, rank * shards + j, device)
+                            for j in range(shards)]
+                    gen = gens if shards > 1 else gens[0]
+                logged = distributed.mean_over_ranks(step(index, to_device(batch, device), gen), device)
+                if rank == 0:
+                    ema.update(model)
                 for key, value in logged.items():
                     if not math.isfinite(value):
                         raise NonFiniteLossError(f"{key} is {value} at step {index}: lower the learning rate "
@@ -577,5 +665,25 @@ def train(
     model.eval()
     for module in step.modules.values():
         module.eval()
-    return TrainResult(model=model, ema_model=ema.model, losses=list(losses), steps=max(start, steps),
-                       seconds=time.perf_counter() - t0, history=history, batch_size=batch_size)
+    distributed.broadcast_module(ema.model)      # every rank returns rank 0's EMA (the next round's teacher)
+    return TrainResult(model=model, ema_model=ema.model, losses=list(losses),
+                       steps=max(start, steps), seconds=time.perf_counter() - t0, history=history,
+                       batch_size=batch_size)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on a CUDA device that supports bf16, else "fp32"; "fp32" / "bf16" as given."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    return precision
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> bool:
+    """"auto" -> torch.compile on CUDA devices only (on a CPU its cold compile costs more than it saves)."""
+    if compile == "auto":
+        return device.type == "cuda"
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
