@@ -3,7 +3,8 @@
 - "small": CI and nbval on a 2-core CPU, at most 2 minutes per chapter;
 - "medium": the CPU runs whose outputs are stored in the book (at most about 15 minutes per chapter),
   so that tables have the sample sizes and seeds their statistics need;
-- "full": one GPU, about half an hour per chapter.
+- "full": one GPU; its cost per config is estimated (not measured: no GPU was available) by
+  benchmarks/full_size_cost.py, from minutes for the toys to hours for chapter 8 on a T4.
 
 A config is a plain dict::
 
@@ -15,7 +16,9 @@ A config is a plain dict::
      "sample": {"n", "steps"}}
 
 so a chapter runs ``UNet(**cfg["model"])`` and ``train(model, loss_fn, data, **cfg["train"])``.
-Later chapters add their configs with ``register_config``.
+Later chapters add their configs with ``register_config``. The full image configs train with
+``"precision": "auto"`` and ``"compile": "auto"`` (bf16 autocast and torch.compile on a GPU, neither
+on a CPU; ``train.resolve_precision``); the toy MLPs stay in fp32.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ register_config(
         "diffusion": dict(_DDPM),
         "sample": {"n": 10000, "steps": 1000},
     },
-    small_from_medium={"train.steps": 600, "sample.n": 500},
+    small_from_medium={"train.steps": 400, "sample.n": 500},
 )
 
 register_config(
@@ -195,6 +198,8 @@ register_config(
             "ema_decay": 0.9995,
             "grad_clip": 1.0,
             "seed": 0,
+            "precision": "auto",      # bf16 autocast on a GPU that supports it, fp32 on a CPU
+            "compile": "auto",        # torch.compile on a GPU only
         },
         "diffusion": dict(_DDPM),
         "sample": {"n": 297, "steps": 1000},
@@ -209,7 +214,7 @@ register_config(
 # 2N. "distill" holds Algorithm 1's settings: the first student's step count N ("start_steps", a power of
 # two; every round halves it, down to 1), the student's prediction and weighting, and the keyword arguments
 # of minidiff.train.train for every round (the paper: no EMA, no warm-up, 50k steps per round at CIFAR-10).
-# small: sized for a 2-core CPU (the chapter runs in a few minutes); full: one GPU, about half an hour.
+# small: sized for a 2-core CPU (the chapter runs in a few minutes); full: one GPU.
 
 _PD_DIFFUSION = {"schedule": "cosine_continuous", "T": None, "prediction": "v", "weighting": "snr+1"}
 
@@ -265,7 +270,8 @@ register_config(
         "model": {"in_channels": 1, "base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2,
                   "attention_resolutions": (8,), "dropout": 0.1, "image_size": 16},
         "train": {"steps": 30000, "batch_size": 128, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
-                  "grad_clip": 1.0, "seed": 0},
+                  "grad_clip": 1.0, "seed": 0,
+                  "precision": "auto", "compile": "auto"},
         "diffusion": dict(_PD_DIFFUSION),
         "sample": {"n": 297, "steps": 512},
         "distill": {"start_steps": 256, "prediction": "v", "weighting": "truncated_snr",
@@ -436,7 +442,8 @@ register_config(
         "model": {"in_channels": 1, "base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2,
                   "attention_resolutions": (8,), "dropout": 0.1, "image_size": 16, "num_classes": 10},
         "train": {"steps": 30000, "batch_size": 128, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
-                  "grad_clip": 1.0, "seed": 0},
+                  "grad_clip": 1.0, "seed": 0,
+                  "precision": "auto", "compile": "auto"},
         "diffusion": dict(_CFG_DIFFUSION),
         "sample": {"n": 1000, "steps": 64},
         "guide": {
@@ -488,7 +495,8 @@ register_config(
         "model": {"patch_size": 4, "in_channels": 1, "image_size": 32, "base_channels": 64,
                   "channel_mults": (1, 2), "num_res_blocks": 2, "attention_resolutions": (), "dropout": 0.0},
         "train": {"steps": 20000, "batch_size": 128, "lr": 2e-4, "warmup": 500, "ema_decay": 0.999,
-                  "grad_clip": 1.0, "seed": 0},
+                  "grad_clip": 1.0, "seed": 0,
+                  "precision": "auto", "compile": "auto"},
         "diffusion": dict(_PDM_DIFFUSION),
         "sample": {"n": 2000, "steps": 100},
         "pdm": {"patch_sizes": (1, 2, 4, 8), "split_snr": 0.25, "wide_base_channels": 96, "held_out": 2000,
@@ -531,7 +539,8 @@ register_config(
                   "base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2,
                   "attention_resolutions": (), "dropout": 0.1},
         "train": {"steps": 30000, "batch_size": 64, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
-                  "grad_clip": 1.0, "seed": 0},
+                  "grad_clip": 1.0, "seed": 0,
+                  "precision": "auto", "compile": "auto"},
         "diffusion": {"schedule": "linear", "T": 1000, "prediction": "eps", "weighting": "eps",
                       "loss": "patch_dm", "patch": 32, "p_uncond": 0.1},
         "sample": {"n": 16, "steps": 50, "size": 256},

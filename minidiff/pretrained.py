@@ -27,7 +27,8 @@ from .nn import MLPDenoiser, UNet
 from .patching import patched_unet
 from .train import TrainResult, labelled_batch, load_config, load_model, save_model, to_device, train
 
-__all__ = ["PretrainedModel", "build_model", "cache_path", "ddpm_model", "loss_function", "seeded_model",
+__all__ = ["PretrainedModel", "build_model", "cache_path", "config_schedule", "ddpm_model", "loss_function",
+           "seeded_model",
            "store", "train_config", "training_data"]
 
 ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet, "patched_unet": patched_unet,
@@ -122,6 +123,17 @@ def store(model: torch.nn.Module, config: dict, cache: bool | str | Path = True)
         return save_model(model, path, config={"minidiff_config": config})
 
 
+def config_schedule(config: dict) -> schedules.NoiseSchedule:
+    """The noise schedule of a config's "diffusion" entry: ``schedules.get_schedule(name, T=T)``, or for
+    "linear_vp" with a T (chapter 4's 4-step DDPM) the VP schedule discretised to T steps
+    (``schedules.discretize``, the grid of ``ddgan.ddgan_schedule``)."""
+    diff = config["diffusion"]
+    if diff["schedule"] == "linear_vp" and diff.get("T"):
+        vp = schedules.LinearVPSchedule(diff.get("beta_min", 0.1), diff.get("beta_max", 20.0))
+        return schedules.discretize(vp, diff["T"])
+    return schedules.get_schedule(diff["schedule"], T=diff.get("T"))
+
+
 def seeded_model(config: dict) -> torch.nn.Module:
     """``build_model(config)`` initialised with the config's train seed, as chapter 1 does; the caller's
     global RNG is left alone."""
@@ -160,8 +172,7 @@ def train_config(config: dict, device: str | torch.device = "cpu", progress: boo
     ``overrides`` replace entries of config["train"] or add ``train.train``'s other arguments
     (checkpoint_dir, resume, shards, ...). Runs under torchrun as it is (``train.train``).
     """
-    diff = config["diffusion"]
-    schedule = schedules.get_schedule(diff["schedule"], T=diff.get("T"))
+    schedule = config_schedule(config)
     return train(seeded_model(config).to(device), loss_function(config, schedule),
                  to_device(training_data(config), device), progress=progress,
                  **{**config["train"], **overrides})
@@ -178,8 +189,7 @@ def ddpm_model(name_or_config: str | dict, size: str = "auto", cache: bool | str
     cache: True (``cache_dir()/ddpm``), a folder, or False (always train).
     """
     config = configs.get_config(name_or_config, size) if isinstance(name_or_config, str) else name_or_config
-    diff = config["diffusion"]
-    schedule = schedules.get_schedule(diff["schedule"], T=diff.get("T"))
+    schedule = config_schedule(config)
 
     def fresh_model() -> torch.nn.Module:
         return seeded_model(config)

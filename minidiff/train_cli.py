@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import configs, ddgan, distillation, distributed, pretrained, schedules
+from . import configs, ddgan, distillation, distributed, pretrained
 from .train import load_model, save_model, to_device
 
 __all__ = ["main", "parse_args", "run"]
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         global_batch = args.batch_size or d["train"]["batch_size"]
         kwargs = {**d["train"], "steps": per_round,
                   "batch_size": _per_process_batch(global_batch, world_size, args.shards)}
-        schedule = schedules.get_schedule(config["diffusion"]["schedule"], T=config["diffusion"].get("T"))
+        schedule = pretrained.config_schedule(config)
         rounds = distillation.progressive_distillation(
             teacher, schedule, to_device(pretrained.training_data(config), device), d["start_steps"],
             prediction=d["prediction"], weighting=d["weighting"],

@@ -103,6 +103,8 @@ function inspect(doc, note) {
     too_wide: tooWide,
     figures: figures.map(img => ({src: img.getAttribute("src"), complete: img.complete,
                                   width: img.naturalWidth, height: img.naturalHeight})),
+    images: Array.from(doc.querySelectorAll("img")).map(img => ({src: img.getAttribute("src"),
+                       complete: img.complete, width: img.naturalWidth})),
     widget_views: widgetViews,
     widgets_rendered: doc.querySelectorAll(".jupyter-widgets").length,
   };
@@ -302,6 +304,12 @@ def test_page_in_browser(name, chromium, book, tmp_path):
             assert figure["complete"] and figure["width"] > 50 and figure["height"] > 50, (
                 f"{page}: figure did not load in the browser: {figure}"
             )
+        # the "Open in Colab" badge is the book's own image: no image of a chapter comes from the web
+        images = report["images"]
+        assert any("colab-badge.svg" in img["src"] for img in images), f"{page}: no Colab badge"
+        for img in images:
+            assert not img["src"].startswith(("http:", "https:", "//")), f"{page}: image from the web: {img}"
+            assert img["complete"] and img["width"] > 0, f"{page}: image did not load offline: {img}"
 
 
 @pytest.mark.parametrize("name", list(SCREENSHOTS))
