@@ -104,8 +104,8 @@ def test_install_keeps_the_torch_and_numpy_already_there(tmp_path):
         pytest.skip("no local torch wheel in PIP_FIND_LINKS")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", str(wheel), "numpy<2.4"], check=True, timeout=900)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "-q", str(wheel), "numpy<2.4"], check=True, timeout=900)
 
     def versions():
         out = subprocess.run([*pip, "list", "--format", "json"], check=True, capture_output=True, text=True)
@@ -116,7 +116,7 @@ def test_install_keeps_the_torch_and_numpy_already_there(tmp_path):
     shutil.copytree(ROOT / "minidiff", source / "minidiff", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    subprocess.run([*pip, "install", str(source)], check=True, timeout=900)
+    subprocess.run([*pip, "install", "-q", str(source)], check=True, timeout=900)
     after = versions()
     assert after["torch"] == before["torch"] and after["numpy"] == before["numpy"], (before, after)
     assert after["numpy"].startswith("2.3") and "minidiff" in after
