@@ -1,10 +1,10 @@
 """What the ``full`` configs cost: measured per training step here, modelled for a GPU.
 
 For every config at its full size: the main network's parameters; one training step at the full batch
-(forward, backward and the optimiser; DDGAN: both players, on a step without R1) counted in FLOPs
-(``torch.utils.flop_counter``) and in ATen operator calls (each a kernel launch on a GPU), and timed on
-this machine (``--steps`` steps after one warm-up step); the config's step count; the sampling work of
-its ``sample`` entry (``n`` samples x ``steps`` network calls, forward FLOPs).
+(``train.LossStep``: forward, backward, clipping and AdamW; DDGAN: ``DDGANStep``, both players, on a step
+without R1) counted in FLOPs (``torch.utils.flop_counter``) and in ATen operator calls (each a kernel
+launch on a GPU), and timed on this machine (``--steps`` steps after one warm-up step); the config's step
+count; the sampling work of its ``sample`` entry (``n`` samples x ``steps`` network calls, forward FLOPs).
 
 The GPU columns are a **model, not a measurement** (no GPU was available when it was written): per step,
 max(FLOPs / (utilisation x peak), operator calls x launch cost), for each ``--gpu NAME=TFLOPS`` (defaults:
@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minidiff import configs, ddgan, patchdm, pretrained
 from minidiff.report import markdown_table, save_results
-from minidiff.train import make_batch_sampler, to_device
+from minidiff.train import LossStep, make_batch_sampler, to_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -65,15 +65,10 @@ def one_step(cfg: dict, device: torch.device):
         # double backward of R1's autograd.grad)
         return (lambda: step(1, batch, gen)), G
     model = pretrained.seeded_model(cfg).to(device)
-    loss_fn = pretrained.loss_function(cfg, pretrained.config_schedule(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, batch, gen).backward()
-        opt.step()
-
-    return step, model
+    t = cfg["train"]
+    step = LossStep(model, pretrained.loss_function(cfg, pretrained.config_schedule(cfg)), lr=t["lr"],
+                    warmup=t.get("warmup", 100), grad_clip=t.get("grad_clip", 1.0))  # train.train's step
+    return (lambda: step(0, batch, gen)), model
 
 
 def forward_flops(cfg: dict, model: torch.nn.Module, device: torch.device) -> float:

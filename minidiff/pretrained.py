@@ -28,8 +28,7 @@ from .patching import patched_unet
 from .train import TrainResult, labelled_batch, load_config, load_model, save_model, to_device, train
 
 __all__ = ["PretrainedModel", "build_model", "cache_path", "config_schedule", "ddpm_model", "loss_function",
-           "seeded_model",
-           "store", "train_config", "training_data"]
+           "seeded_model", "store", "train_config", "training_data"]
 
 ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNet, "patched_unet": patched_unet,
                  "patch_dm": patchdm.PatchDenoiser}

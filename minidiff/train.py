@@ -162,7 +162,7 @@ class LossStep:
             raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16' (or 'auto' in train()), got {precision!r}")
-        self.model, self.loss_fn = model, loss_fn
+        self.model = model
         self.loss_module = distributed.LossModule(model, loss_fn, torch.compile(model) if compile else None,
                                                   precision)
         self._forward = self.loss_module

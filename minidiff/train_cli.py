@@ -10,7 +10,8 @@ under ``torchrun`` it is DistributedDataParallel with NCCL on GPUs and gloo on C
 - ``--stage model`` (default): the config's network. A DDGAN config (chapter 4, it has a
   "discriminator") trains DDGAN's two-player step (``ddgan.train_config``); every other config its
   diffusion model with its loss (``pretrained.train_config``: DDPM, chapter 5's teachers, chapter 6's
-  class-conditional models, chapter 7's patched networks and splits, chapter 8's Patch-DM).
+  class-conditional models, chapter 7's patched networks, and one network of a split when the config's
+  "diffusion" has a ``t_range``, chapter 8's Patch-DM).
 - ``--stage distill``: chapter 5's progressive distillation rounds, from the model that ``--stage
   model`` saved in ``--out`` (a config with a "distill" entry).
 
@@ -102,16 +103,16 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"no teacher at {teacher_file}: run --stage model with the same --out first")
         teacher = load_model(pretrained.seeded_model(config), teacher_file).to(device).eval()
         d = config["distill"]
-        per_round = d["train"]["steps"] if args.steps is None else args.steps
         global_batch = args.batch_size or d["train"]["batch_size"]
-        kwargs = {**d["train"], "steps": per_round,
-                  "batch_size": _per_process_batch(global_batch, world_size, args.shards)}
+        kwargs = {**d["train"], "batch_size": _per_process_batch(global_batch, world_size, args.shards)}
+        if args.steps is not None:
+            kwargs["steps"] = args.steps                  # per round
         schedule = pretrained.config_schedule(config)
         rounds = distillation.progressive_distillation(
             teacher, schedule, to_device(pretrained.training_data(config), device), d["start_steps"],
             prediction=d["prediction"], weighting=d["weighting"],
             teacher_prediction=config["diffusion"]["prediction"], progress=progress, shards=args.shards,
-            **{k: v for k, v in kwargs.items() if k != "steps"}, steps=per_round)
+            **kwargs)
         steps, seconds = sum(r.steps for r in rounds), time.perf_counter() - t0
         files = {}
         if rank == 0:
